@@ -1,0 +1,464 @@
+"""The compressed block device every device kind stands on (zram-like by itself).
+
+A device is a page table over a bounded pool. Writes are split so the expensive part can run
+on worker threads: ``prepare_write`` compresses whole pages (pure, thread-safe), and
+``commit_write`` places them (must not run concurrently with another commit or fetch). A commit
+is all-or-nothing under the reject and throttle policies: every new object is allocated before
+any old one is freed (zram's order), and if one does not fit, the request's allocations are
+undone and nothing changes. Reads likewise split into ``fetch`` (copy payloads out of the pool)
+and ``decode`` (decompress, any thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cramfs import PAGE_SHIFT, PAGE_SIZE
+from cramfs import codec as enc
+from cramfs import pagetable as pt
+from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, fill_page
+from cramfs.errors import OutOfRange, PoisonedPage, WriteRejected
+from cramfs.watermarks import FailureMode, Policy, State, Watermarks
+from cramfs.zspool import PoolExhausted, ZsPool
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+REJECT_WATERMARK = "watermark"
+REJECT_FULL = "full"
+REJECT_REASONS = (REJECT_WATERMARK, REJECT_FULL)
+
+
+@dataclass
+class DeviceConfig:
+    size: int  # advertised capacity, bytes
+    pool: int  # real capacity, bytes
+    level: int = 1
+    low: float = 0.80
+    high: float = 0.90
+    policy: Policy = Policy.REJECT
+    failure_mode: FailureMode = FailureMode.POISON
+    throttle_max_delay: float = 0.05  # seconds, at pressure 1000
+    huge_threshold: int = DEFAULT_HUGE_THRESHOLD
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % PAGE_SIZE:
+            raise ValueError(f"size must be a positive multiple of {PAGE_SIZE}, got {self.size}")
+        if self.pool < PAGE_SIZE or self.pool % PAGE_SIZE:
+            raise ValueError(f"pool must be a positive multiple of {PAGE_SIZE}, got {self.pool}")
+        if self.size >> PAGE_SHIFT >= 1 << 32:
+            raise ValueError("size must be below 16 TiB")
+
+
+@dataclass
+class Counters:
+    """Event counters (monotonic) kept as the device works, never recounted on read."""
+
+    read_requests: int = 0
+    write_requests: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+    failed_reads: int = 0
+    failed_writes: int = 0
+    invalid_io: int = 0
+    notify_free: int = 0  # pages released by a zero write (our discard)
+    huge_pages_since: int = 0
+    reject_compress_poor: int = 0
+    reject_alloc_fail: int = 0
+    pool_limit_hit: int = 0
+    lost_writes: int = 0  # pages dropped by FailureMode.DROP
+    poisoned_writes: int = 0  # pages poisoned by FailureMode.POISON
+    throttled_writes: int = 0
+    throttle_seconds: float = 0.0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+
+
+@dataclass(slots=True)
+class WritePlan:
+    offset: int
+    length: int
+    first: int  # first page index
+    pages: list  # Encoded for a whole page, (offset in page, bytes) for a partial one
+
+
+@dataclass(slots=True)
+class WriteResult:
+    delay: float = 0.0  # throttle: how long the caller should hold the reply
+    lost_pages: int = 0  # FailureMode.DROP / POISON pages in this request
+
+
+@dataclass(slots=True)
+class ReadPlan:
+    offset: int
+    length: int
+    pages: list  # per page: (state, payload bytes | fill word | None)
+
+
+_INPLACE = -1  # phase-1 marker: reuse the page's current slot
+_FAILED = -2  # phase-1 marker: did not fit
+
+
+class CompressedDevice:
+    """A zram-like device: page table + bounded pool + codec + watermarks."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.size = config.size
+        self.pages = config.size >> PAGE_SHIFT
+        self.codec = Codec(config.level, config.huge_threshold, config.threads)
+        self.pool = ZsPool(config.pool, largest_compressed=config.huge_threshold)
+        self.pool.on_move = self._moved
+        self.table = pt.PageTable(self.pages)
+        self.watermarks = Watermarks(self.pool.capacity, config.low, config.high)
+        self.policy = config.policy
+        self.failure_mode = config.failure_mode
+        self.throttle_max_delay = config.throttle_max_delay
+        self.counters = Counters()
+        # Gauges kept exact on every change, so reading them is O(1).
+        self.pages_stored = 0
+        self.same_pages = 0
+        self.huge_pages = 0
+        self.compr_data_size = 0
+        self.poisoned: set[int] = set()
+        self.lost: set[int] = set()
+        self._pending: dict[int, int] = {}
+
+    # -- ranges -------------------------------------------------------------------------
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            self.counters.invalid_io += 1
+            raise OutOfRange(
+                f"I/O of {length} bytes at offset {offset} is outside the device"
+                f" ({self.size} bytes)")
+
+    # -- writes -------------------------------------------------------------------------
+    def prepare_write(self, offset: int, data: bytes | memoryview) -> WritePlan:
+        """Compress the whole pages of a write. Pure; safe on any thread."""
+        length = len(data)
+        if offset < 0 or offset + length > self.size:
+            raise OutOfRange(f"write of {length} bytes at offset {offset} is outside the device")
+        first = offset >> PAGE_SHIFT
+        pages: list = []
+        pos = 0
+        head = offset & (PAGE_SIZE - 1)
+        if head and length:
+            take = min(PAGE_SIZE - head, length)
+            pages.append((head, bytes(data[:take])))
+            pos = take
+        whole = (length - pos) // PAGE_SIZE * PAGE_SIZE
+        if whole:
+            pages.extend(self.codec.encode_pages(data[pos:pos + whole]))
+            pos += whole
+        if pos < length:
+            pages.append((0, bytes(data[pos:])))
+        return WritePlan(offset, length, first, pages)
+
+    def write(self, offset: int, data: bytes | memoryview) -> WriteResult:
+        self.check_range(offset, len(data))
+        return self.commit_write(self.prepare_write(offset, data))
+
+    def commit_write(self, plan: WritePlan) -> WriteResult:
+        """Place a prepared write. Raises WriteRejected (ENOSPC) or PoisonedPage (EIO)."""
+        counters = self.counters
+        try:
+            encoded = self._merge_partials(plan)
+        except PoisonedPage:
+            counters.failed_writes += 1
+            raise
+        first = plan.first
+        result = WriteResult()
+        wm = self.watermarks
+        if wm.state is not State.OK and self.policy is not Policy.NONE and self._grows(
+                first, encoded):
+            if self.policy is Policy.REJECT:
+                reason = REJECT_FULL if wm.state is State.FULL else REJECT_WATERMARK
+                self._reject(reason, f"write control: device in {wm.state.value}")
+            result.delay = self.throttle_max_delay * wm.pressure(self.pool.used_bytes) / 1000
+            counters.throttled_writes += 1
+            counters.throttle_seconds += result.delay
+        placed = self._place_all(first, encoded)
+        failed = [i for i, h in enumerate(placed) if h == _FAILED]
+        if failed and self.policy is not Policy.NONE:
+            self._undo()
+            self.pool.compact()
+            placed = self._place_all(first, encoded)
+            if any(h == _FAILED for h in placed):
+                self._undo()
+                counters.reject_alloc_fail += 1
+                counters.pool_limit_hit += 1
+                wm.update(self.pool.used_bytes, alloc_failed=True)
+                self._reject(REJECT_FULL, "pool full: the write does not fit the real capacity")
+        if failed:
+            counters.reject_alloc_fail += 1
+            counters.pool_limit_hit += 1
+        self._apply(first, encoded, placed, result)
+        counters.write_requests += 1
+        counters.written_bytes += plan.length
+        wm.update(self.pool.used_bytes, alloc_failed=bool(failed))
+        return result
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.counters.rejected[reason] += 1
+        self.counters.failed_writes += 1
+        raise WriteRejected(reason, message)
+
+    def _merge_partials(self, plan: WritePlan) -> list[Encoded]:
+        pages = plan.pages
+        if not pages or (isinstance(pages[0], Encoded) and isinstance(pages[-1], Encoded)):
+            return pages
+        out = list(pages)
+        for i in (0, len(out) - 1):
+            item = out[i]
+            if isinstance(item, Encoded):
+                continue
+            start, chunk = item
+            index = plan.first + i
+            if index in self.poisoned:
+                raise PoisonedPage(index)
+            page = bytearray(self._page_bytes(index))
+            page[start:start + len(chunk)] = chunk
+            out[i] = self.codec.encode_pages(bytes(page))[0]
+        return out
+
+    def _grows(self, first: int, encoded: list[Encoded]) -> bool:
+        """Does any page need a larger slot than it holds now (new pool space)?"""
+        table, pool = self.table, self.pool
+        for i, item in enumerate(encoded):
+            if item.kind == enc.SAME:
+                continue
+            index = first + i
+            state = table.state(index)
+            need = pool.class_of(len(item.payload)).size
+            if state not in (pt.COMPRESSED, pt.HUGE) or pool.slot_size(table.loc[index]) < need:
+                return True
+        return False
+
+    def _place_all(self, first: int, encoded: list[Encoded]) -> list[int]:
+        """Phase 1: allocate and fill new slots, touching nothing the table points at."""
+        table, pool, pending = self.table, self.pool, self._pending
+        placed = []
+        for i, item in enumerate(encoded):
+            if item.kind == enc.SAME:
+                placed.append(0)
+                continue
+            index = first + i
+            length = len(item.payload)
+            state = table.state(index)
+            old_size = pool.slot_size(table.loc[index]) if state in (pt.COMPRESSED,
+                                                                      pt.HUGE) else 0
+            if old_size and old_size == pool.class_of(length).size:
+                placed.append(_INPLACE)
+                continue
+            try:
+                handle = pool.alloc(length, index)
+            except PoolExhausted:
+                placed.append(_INPLACE if old_size >= length else _FAILED)
+                continue
+            pool.write(handle, item.payload)
+            pending[index] = handle
+            placed.append(handle)
+        return placed
+
+    def _undo(self) -> None:
+        pending = self._pending
+        for index in list(pending):
+            self.pool.free(pending.pop(index))
+
+    def _apply(self, first: int, encoded: list[Encoded], placed: list[int],
+               result: WriteResult) -> None:
+        """Phase 2: point the table at the new objects and free the old ones."""
+        table, pool, pending, counters = self.table, self.pool, self._pending, self.counters
+        for i, item in enumerate(encoded):
+            index = first + i
+            marker = placed[i]
+            if marker == _FAILED:
+                result.lost_pages += 1
+                if self.failure_mode is FailureMode.DROP:
+                    counters.lost_writes += 1
+                    self.lost.add(index)
+                    continue
+                counters.poisoned_writes += 1
+                self._forget(index, free=True)
+                self.poisoned.add(index)
+                continue
+            kind = item.kind
+            was_empty = table.state(index) == pt.EMPTY
+            if marker == _INPLACE:
+                handle = table.loc[index]
+                self._forget(index, free=False)
+                pool.write(handle, item.payload)
+            else:
+                handle = pending.pop(index, 0)
+                self._forget(index, free=True)
+            self.poisoned.discard(index)
+            self.lost.discard(index)
+            if kind == enc.SAME:
+                if item.fill == 0:
+                    # A zero page is a release (our discard): the entry stays empty.
+                    counters.notify_free += not was_empty
+                    continue
+                table.set(index, pt.SAME, 0, item.fill)
+                self.same_pages += 1
+            else:
+                length = len(item.payload)
+                state = pt.COMPRESSED if kind == enc.COMPRESSED else pt.HUGE
+                table.set(index, state, length, handle)
+                self.compr_data_size += length
+                if kind == enc.HUGE:
+                    self.huge_pages += 1
+                    counters.huge_pages_since += 1
+                    if item.poor:
+                        counters.reject_compress_poor += 1
+            self.pages_stored += 1
+
+    def _forget(self, index: int, free: bool) -> None:
+        """Drop a page's current contents from the books (and its slot, if ``free``)."""
+        table = self.table
+        state = table.state(index)
+        if state == pt.EMPTY:
+            return
+        self.pages_stored -= 1
+        if state == pt.SAME:
+            self.same_pages -= 1
+        elif state in (pt.COMPRESSED, pt.HUGE):
+            self.compr_data_size -= table.length(index)
+            if state == pt.HUGE:
+                self.huge_pages -= 1
+            if free:
+                handle = table.loc[index]
+                table.clear(index)
+                self.pool.free(handle)
+        table.clear(index)
+
+    def _moved(self, owner: int, old: int, new: int) -> None:
+        if self._pending.get(owner) == old:
+            self._pending[owner] = new
+        else:
+            self.table.loc[owner] = new
+
+    # -- reads --------------------------------------------------------------------------
+    def fetch(self, offset: int, length: int) -> ReadPlan:
+        """Copy what a read needs out of the pool (caller's thread, between commits)."""
+        self.check_range(offset, length)
+        table, pool = self.table, self.pool
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1
+        pages = []
+        for index in range(first, last + 1):
+            if index in self.poisoned:
+                self.counters.failed_reads += 1
+                raise PoisonedPage(index)
+            state = table.state(index)
+            if state in (pt.COMPRESSED, pt.HUGE):
+                pages.append((state, pool.read(table.loc[index], table.length(index))))
+            elif state == pt.SAME:
+                pages.append((state, table.loc[index]))
+            else:
+                pages.append((pt.EMPTY, None))
+        self.counters.read_requests += 1
+        self.counters.read_bytes += length
+        return ReadPlan(offset, length, pages)
+
+    def decode(self, plan: ReadPlan) -> bytes:
+        """Decompress a fetched read. Pure; safe on any thread."""
+        decompress = self.codec.decompress
+        parts = []
+        for state, value in plan.pages:
+            if state == pt.COMPRESSED:
+                parts.append(decompress(value))
+            elif state == pt.HUGE:
+                parts.append(value)
+            elif state == pt.SAME:
+                parts.append(fill_page(value))
+            else:
+                parts.append(ZERO_PAGE)
+        start = plan.offset & (PAGE_SIZE - 1)
+        data = b"".join(parts)
+        if start == 0 and len(data) == plan.length:
+            return data
+        return data[start:start + plan.length]
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.decode(self.fetch(offset, length))
+
+    def _page_bytes(self, index: int) -> bytes:
+        state = self.table.state(index)
+        if state == pt.EMPTY:
+            return ZERO_PAGE
+        if state == pt.SAME:
+            return fill_page(self.table.loc[index])
+        payload = self.pool.read(self.table.loc[index], self.table.length(index))
+        return payload if state == pt.HUGE else self.codec.decompress(payload)
+
+    # -- control ------------------------------------------------------------------------
+    def set_watermarks(self, low: float | None = None, high: float | None = None) -> None:
+        wm = self.watermarks
+        wm.set_marks(wm.low if low is None else low, wm.high if high is None else high,
+                     self.pool.used_bytes)
+
+    def compact(self) -> int:
+        freed = self.pool.compact()
+        self.watermarks.update(self.pool.used_bytes)
+        return freed
+
+    def reset_max(self) -> None:
+        self.pool.reset_max()
+
+    # -- reports ------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.used_bytes
+
+    def mm_stat(self) -> tuple[int, ...]:
+        """zram's mm_stat fields, same order."""
+        pool = self.pool
+        return (self.pages_stored << PAGE_SHIFT, self.compr_data_size, pool.used_bytes,
+                pool.capacity, pool.max_used_bytes, self.same_pages, pool.pages_compacted,
+                self.huge_pages, self.counters.huge_pages_since)
+
+    def io_stat(self) -> tuple[int, ...]:
+        """zram's io_stat fields, same order."""
+        c = self.counters
+        return (c.failed_reads, c.failed_writes, c.invalid_io, c.notify_free)
+
+    def compression_ratio(self) -> float:
+        """Compressed bytes per original byte (0..1; lower is better), pool-stored pages only."""
+        stored = (self.pages_stored - self.same_pages) << PAGE_SHIFT
+        return self.compr_data_size / stored if stored else 0.0
+
+    def effective_ratio(self) -> float:
+        """Original bytes per pool byte in use: the ratio the capacity lie depends on."""
+        used = self.pool.used_bytes
+        return (self.pages_stored << PAGE_SHIFT) / used if used else 0.0
+
+    def allocator_efficiency(self) -> float:
+        """Compressed bytes / pool bytes in use (1.0 when empty)."""
+        used = self.pool.used_bytes
+        return self.compr_data_size / used if used else 1.0
+
+    def headroom(self) -> int:
+        return self.watermarks.headroom(self.pool.used_bytes)
+
+    def pressure(self) -> int:
+        return self.watermarks.pressure(self.pool.used_bytes)
+
+    def recount(self) -> dict[str, int]:
+        """Recompute the gauges from the page table (slow; for tests and audits)."""
+        table = self.table
+        counts = {"pages_stored": 0, "same_pages": 0, "huge_pages": 0, "compr_data_size": 0}
+        handles = {}
+        for index in range(self.pages):
+            state = table.state(index)
+            if state == pt.EMPTY:
+                continue
+            counts["pages_stored"] += 1
+            if state == pt.SAME:
+                counts["same_pages"] += 1
+            elif state in (pt.COMPRESSED, pt.HUGE):
+                counts["compr_data_size"] += table.length(index)
+                counts["huge_pages"] += state == pt.HUGE
+                handles[table.loc[index]] = index
+        assert handles == self.pool.live_objects(), "pool objects differ from the page table"
+        return counts
+
+    def close(self) -> None:
+        self.pool.close()

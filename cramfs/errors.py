@@ -1,0 +1,25 @@
+"""Errors the device raises; the daemon maps each to one errno."""
+
+
+class DeviceError(Exception):
+    """Base of every error a device operation reports to its caller."""
+
+
+class OutOfRange(DeviceError):
+    """I/O outside the advertised capacity (EINVAL/EFBIG at the file system)."""
+
+
+class WriteRejected(DeviceError):
+    """Write control refused a write that needed new pool space (ENOSPC)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PoisonedPage(DeviceError):
+    """A read touched a page the emulated hardware poisoned (EIO)."""
+
+    def __init__(self, page: int) -> None:
+        super().__init__(f"page {page} is poisoned")
+        self.page = page
