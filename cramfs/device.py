@@ -175,14 +175,15 @@ class CompressedDevice:
             result.delay = self.throttle_max_delay * wm.pressure(self.pool.used_bytes) / 1000
             counters.throttled_writes += 1
             counters.throttle_seconds += result.delay
+        peak = self.pool.max_used_frames
         placed = self._place_all(first, encoded)
         failed = [i for i, h in enumerate(placed) if h == _FAILED]
         if failed and self.policy is not Policy.NONE:
-            self._undo()
+            self._undo(peak)
             self.pool.compact()
             placed = self._place_all(first, encoded)
             if any(h == _FAILED for h in placed):
-                self._undo()
+                self._undo(peak)
                 counters.reject_alloc_fail += 1
                 counters.pool_limit_hit += 1
                 wm.update(self.pool.used_bytes, alloc_failed=True)
@@ -234,34 +235,41 @@ class CompressedDevice:
 
     def _place_all(self, first: int, encoded: list[Encoded]) -> list[int]:
         """Phase 1: allocate and fill new slots, touching nothing the table points at."""
-        table, pool, pending = self.table, self.pool, self._pending
+        pool, pending = self.pool, self._pending
+        meta, loc = self.table.meta, self.table.loc
+        class_of, slot_size, alloc_in, write = (pool.class_of, pool.slot_size, pool.alloc_in,
+                                                pool.write)
+        same, shift = enc.SAME, pt.STATE_SHIFT
         placed = []
         for i, item in enumerate(encoded):
-            if item.kind == enc.SAME:
+            if item.kind == same:
                 placed.append(0)
                 continue
             index = first + i
-            length = len(item.payload)
-            state = table.state(index)
-            old_size = pool.slot_size(table.loc[index]) if state in (pt.COMPRESSED,
-                                                                      pt.HUGE) else 0
-            if old_size and old_size == pool.class_of(length).size:
+            payload = item.payload
+            cls = class_of(len(payload))
+            state = meta[index] >> shift
+            old_size = slot_size(loc[index]) if state == pt.COMPRESSED or state == pt.HUGE \
+                else 0
+            if old_size == cls.size:
                 placed.append(_INPLACE)
                 continue
             try:
-                handle = pool.alloc(length, index)
+                handle = alloc_in(cls, index)
             except PoolExhausted:
-                placed.append(_INPLACE if old_size >= length else _FAILED)
+                placed.append(_INPLACE if old_size >= len(payload) else _FAILED)
                 continue
-            pool.write(handle, item.payload)
+            write(handle, payload)
             pending[index] = handle
             placed.append(handle)
         return placed
 
-    def _undo(self) -> None:
+    def _undo(self, peak: int) -> None:
         pending = self._pending
         for index in list(pending):
             self.pool.free(pending.pop(index))
+        # Undone slots were never in use: like zram, a refused write leaves mem_used_max alone.
+        self.pool.max_used_frames = max(peak, self.pool.used_frames)
 
     def _apply(self, first: int, encoded: list[Encoded], placed: list[int],
                result: WriteResult) -> None:
@@ -281,16 +289,18 @@ class CompressedDevice:
                 self.poisoned.add(index)
                 continue
             kind = item.kind
-            was_empty = table.state(index) == pt.EMPTY
+            was_empty = table.meta[index] == 0
             if marker == _INPLACE:
                 handle = table.loc[index]
                 self._forget(index, free=False)
                 pool.write(handle, item.payload)
             else:
                 handle = pending.pop(index, 0)
-                self._forget(index, free=True)
-            self.poisoned.discard(index)
-            self.lost.discard(index)
+                if not was_empty:
+                    self._forget(index, free=True)
+            if self.poisoned or self.lost:
+                self.poisoned.discard(index)
+                self.lost.discard(index)
             if kind == enc.SAME:
                 if item.fill == 0:
                     # A zero page is a release (our discard): the entry stays empty.

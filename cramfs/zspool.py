@@ -4,14 +4,18 @@ Why not a dict of bytes: Python object overhead (~100 B a page) would hide the r
 emulator exists to show. Here the pool is one anonymous mmap of exactly the real capacity, cut
 into 4 KiB frames. Each size class (16-byte steps) owns blocks of 1..8 frames, chosen per class
 to waste the least tail space; objects may straddle two frames of a block (frames need not be
-contiguous, as in zsmalloc's zspages). Freed frames are returned to the kernel with
-MADV_DONTNEED, so the daemon's RSS follows ``used_bytes``. Compaction moves objects from the
+contiguous, as in zsmalloc's zspages). The arena is a memfd mapped shared, and freed frames
+are returned to the kernel by punching a hole in it, so the daemon's memory follows
+``used_bytes`` even when the daemon has mlockall'ed itself (MADV_DONTNEED refuses locked
+pages; truncating the backing file does not). Compaction moves objects from the
 emptiest blocks of a class into the fullest and frees whole blocks (zram's pages_compacted).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 from array import array
 from collections.abc import Callable
 
@@ -24,6 +28,17 @@ MAX_FRAMES_PER_BLOCK = 8
 SLOT_BITS = 16
 SLOT_MASK = (1 << SLOT_BITS) - 1
 FREE_SLOT = 0xFFFFFFFF
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _frames_for(size: int) -> int:
@@ -74,7 +89,10 @@ class ZsPool:
             raise ValueError(f"pool capacity must be at least {FRAME} bytes, got {capacity}")
         self.capacity = capacity - capacity % FRAME
         self.total_frames = self.capacity >> PAGE_SHIFT
-        self._arena = mmap.mmap(-1, self.capacity)
+        self._fd = os.memfd_create("cramfs-pool", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, self.capacity)
+        self._arena = mmap.mmap(self._fd, self.capacity, mmap.MAP_SHARED)
+        self.release_errors = 0
         self._view = memoryview(self._arena)
         self._free_frames: list[int] = []
         self._next_frame = 0
@@ -135,7 +153,10 @@ class ZsPool:
 
     def _give_frames(self, frames: list[int]) -> None:
         for frame in frames:
-            self._arena.madvise(mmap.MADV_DONTNEED, frame << PAGE_SHIFT, FRAME)
+            try:
+                _punch_hole(self._fd, frame << PAGE_SHIFT, FRAME)
+            except OSError:
+                self.release_errors += 1  # the frame stays resident; the books are still right
         self._free_frames.extend(frames)
         self.used_frames -= len(frames)
 
@@ -171,13 +192,16 @@ class ZsPool:
     # -- objects ------------------------------------------------------------------------
     def alloc(self, length: int, owner: int) -> int:
         """Reserve a slot for ``length`` bytes owned by ``owner``; raise PoolExhausted."""
-        cls = self.class_of(length)
+        return self.alloc_in(self.class_of(length), owner)
+
+    def alloc_in(self, cls: SizeClass, owner: int) -> int:
+        """Reserve a slot of class ``cls`` (from class_of) for ``owner``."""
         if cls.partial:
             block_id = next(iter(cls.partial))
         else:
             new_id = self._new_block(cls)
             if new_id is None:
-                raise PoolExhausted(length)
+                raise PoolExhausted(cls.size)
             block_id = new_id
         block = self._blocks[block_id]
         assert block is not None
@@ -315,6 +339,11 @@ class ZsPool:
             assert (used, free) == (cls.used_slots, cls.free_slots), cls.size
         assert frames == self.used_frames <= self.total_frames
 
+    def resident_bytes(self) -> int:
+        """Bytes of the arena the kernel really holds (fstat of the memfd)."""
+        return os.fstat(self._fd).st_blocks * 512
+
     def close(self) -> None:
         self._view.release()
         self._arena.close()
+        os.close(self._fd)
