@@ -17,7 +17,8 @@ from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs import codec as enc
 from cramfs import pagetable as pt
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, fill_page
-from cramfs.errors import OutOfRange, PoisonedPage, WriteRejected
+from cramfs.errors import InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
 from cramfs.zspool import PoolExhausted, ZsPool
 
@@ -39,6 +40,10 @@ class DeviceConfig:
     throttle_max_delay: float = 0.05  # seconds, at pressure 1000
     huge_threshold: int = DEFAULT_HUGE_THRESHOLD
     threads: int = 2
+    # Seconds a released (zero-written) page keeps its pool space before the device's
+    # batched "media zero" gives it back; 0 frees at once.
+    zero_flush_interval: float = 0.0
+    timing: TimingConfig = field(default_factory=TimingConfig)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE:
@@ -47,6 +52,8 @@ class DeviceConfig:
             raise ValueError(f"pool must be a positive multiple of {PAGE_SIZE}, got {self.pool}")
         if self.size >> PAGE_SHIFT >= 1 << 32:
             raise ValueError("size must be below 16 TiB")
+        if not 0 <= self.zero_flush_interval <= 3600:
+            raise ValueError("zero_flush_interval must be 0..3600 seconds")
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Counters:
     throttled_writes: int = 0
     throttle_seconds: float = 0.0
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    injected_errors: dict[str, int] = field(
+        default_factory=lambda: {"read": 0, "write": 0})
 
 
 @dataclass(slots=True)
@@ -93,6 +102,7 @@ class ReadPlan:
     pages: list  # per page: (state, payload bytes | fill word | None)
 
 
+RELEASED_OWNER = 0xFFFFFFFE  # pool owner of a released slot awaiting the zero flush
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
 
@@ -121,6 +131,10 @@ class CompressedDevice:
         self.poisoned: set[int] = set()
         self.lost: set[int] = set()
         self._pending: dict[int, int] = {}
+        self.zero_flush_interval = config.zero_flush_interval
+        self.releasing: set[int] = set()  # pool handles of released pages awaiting the flush
+        self.releasing_bytes = 0
+        self.timing = Timing(config.timing)
 
     # -- ranges -------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:
@@ -297,7 +311,9 @@ class CompressedDevice:
             else:
                 handle = pending.pop(index, 0)
                 if not was_empty:
-                    self._forget(index, free=True)
+                    defer = bool(kind == enc.SAME and item.fill == 0
+                                 and self.zero_flush_interval)
+                    self._forget(index, free=not defer, defer=defer)
             if self.poisoned or self.lost:
                 self.poisoned.discard(index)
                 self.lost.discard(index)
@@ -320,8 +336,9 @@ class CompressedDevice:
                         counters.reject_compress_poor += 1
             self.pages_stored += 1
 
-    def _forget(self, index: int, free: bool) -> None:
-        """Drop a page's current contents from the books (and its slot, if ``free``)."""
+    def _forget(self, index: int, free: bool, defer: bool = False) -> None:
+        """Drop a page's contents from the books; free its slot if ``free``, or park the slot
+        for the next zero flush if ``defer`` (the slot is reused in place otherwise)."""
         table = self.table
         state = table.state(index)
         if state == pt.EMPTY:
@@ -333,14 +350,44 @@ class CompressedDevice:
             self.compr_data_size -= table.length(index)
             if state == pt.HUGE:
                 self.huge_pages -= 1
-            if free:
-                handle = table.loc[index]
-                table.clear(index)
+            handle = table.loc[index]
+            if defer:
+                self.pool.set_owner(handle, RELEASED_OWNER)
+                self.releasing.add(handle)
+                self.releasing_bytes += self.pool.slot_size(handle)
+            elif free:
                 self.pool.free(handle)
         table.clear(index)
 
+    def flush_releases(self) -> int:
+        """The device's batched media zero: free every parked slot; returns pages freed."""
+        count = len(self.releasing)
+        while self.releasing:
+            self.pool.free(self.releasing.pop())
+        self.releasing_bytes = 0
+        if count:
+            self.watermarks.update(self.pool.used_bytes)
+        return count
+
+    # -- timing and faults ----------------------------------------------------------------
+    def inject_fault(self, op: str) -> None:
+        """Fail this request (before it touches data) if the error rate says so."""
+        if self.timing.should_fail(op):
+            self.counters.injected_errors[op] += 1
+            if op == "read":
+                self.counters.failed_reads += 1
+            else:
+                self.counters.failed_writes += 1
+            raise InjectedFault(f"injected {op} error")
+
+    def io_delay(self, op: str, nbytes: int) -> float:
+        return self.timing.delay(op, nbytes)
+
     def _moved(self, owner: int, old: int, new: int) -> None:
-        if self._pending.get(owner) == old:
+        if owner == RELEASED_OWNER:
+            self.releasing.discard(old)
+            self.releasing.add(new)
+        elif self._pending.get(owner) == old:
             self._pending[owner] = new
         else:
             self.table.loc[owner] = new
@@ -467,6 +514,7 @@ class CompressedDevice:
                 counts["compr_data_size"] += table.length(index)
                 counts["huge_pages"] += state == pt.HUGE
                 handles[table.loc[index]] = index
+        handles.update(dict.fromkeys(self.releasing, RELEASED_OWNER))
         assert handles == self.pool.live_objects(), "pool objects differ from the page table"
         return counts
 

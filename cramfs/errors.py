@@ -23,3 +23,7 @@ class PoisonedPage(DeviceError):
     def __init__(self, page: int) -> None:
         super().__init__(f"page {page} is poisoned")
         self.page = page
+
+
+class InjectedFault(DeviceError):
+    """A request failed on purpose by the configured error rate (EIO)."""

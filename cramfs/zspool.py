@@ -263,6 +263,9 @@ class ZsPool:
         nxt = block.frames[index + 1] << PAGE_SHIFT
         return self._arena[base + within:base + FRAME] + self._arena[nxt:nxt + length - first]
 
+    def set_owner(self, handle: int, owner: int) -> None:
+        self._block(handle).owners[handle & SLOT_MASK] = owner
+
     def owner(self, handle: int) -> int:
         return self._block(handle).owners[handle & SLOT_MASK]
 

@@ -1,0 +1,115 @@
+"""The sysfs-like attribute files of a device directory.
+
+Each attribute renders the live state as text when read and, if writable, validates a new
+value before changing anything (ValueError -> EINVAL at the file system, value unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cramfs.watermarks import FailureMode, Policy
+from daemon.devices import DeviceEntry
+
+Reader = Callable[[DeviceEntry], str]
+Writer = Callable[[DeviceEntry, str], None]
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    read: Reader | None
+    write: Writer | None = None
+    pollable: bool = False
+    doc: str = ""
+
+
+def _fields(values: tuple[int, ...]) -> str:
+    return " ".join(f"{v:>8}" for v in values) + "\n"
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be within 0..1: {text!r}")
+    return value
+
+
+def _set_low(entry: DeviceEntry, text: str) -> None:
+    entry.device.set_watermarks(low=_fraction(text))
+
+
+def _set_high(entry: DeviceEntry, text: str) -> None:
+    entry.device.set_watermarks(high=_fraction(text))
+
+
+def _set_policy(entry: DeviceEntry, text: str) -> None:
+    entry.device.policy = Policy(text)
+
+
+def _set_failure_mode(entry: DeviceEntry, text: str) -> None:
+    entry.device.failure_mode = FailureMode(text)
+
+
+def _compact(entry: DeviceEntry, text: str) -> None:
+    if text not in ("1", ""):
+        raise ValueError("write 1 to compact")
+    entry.device.compact()
+
+
+def _reset_max(entry: DeviceEntry, text: str) -> None:
+    if text != "0":
+        raise ValueError("write 0 to reset mem_used_max")
+    entry.device.reset_max()
+
+
+def _lost_pages(entry: DeviceEntry) -> str:
+    device = entry.device
+    lines = [f"{page} poisoned" for page in sorted(device.poisoned)]
+    lines += [f"{page} dropped" for page in sorted(device.lost)]
+    return "".join(line + "\n" for line in lines)
+
+
+ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("kind", lambda e: e.kind + "\n", doc="swap, zswap or node"),
+    Attribute("disksize", lambda e: f"{e.device.size}\n", doc="advertised capacity, bytes"),
+    Attribute("pool_capacity", lambda e: f"{e.device.pool.capacity}\n",
+              doc="real capacity of the pool, bytes"),
+    Attribute("pool_used", lambda e: f"{e.device.used_bytes}\n",
+              doc="pool bytes in use (mem_used_total)"),
+    Attribute("mm_stat", lambda e: _fields(e.device.mm_stat()), doc="as zram's mm_stat"),
+    Attribute("io_stat", lambda e: _fields(e.device.io_stat()), doc="as zram's io_stat"),
+    Attribute("compression_ratio", lambda e: f"{e.device.compression_ratio():.4f}\n",
+              doc="compressed bytes / original bytes of pool-stored pages"),
+    Attribute("effective_ratio", lambda e: f"{e.device.effective_ratio():.4f}\n",
+              doc="original bytes / pool bytes in use: the ratio the capacity lie needs"),
+    Attribute("watermark_state", lambda e: e.device.watermarks.state.value + "\n",
+              pollable=True, doc="ok, pressure or full; poll(2) wakes on change"),
+    Attribute("pressure", lambda e: f"{e.device.pressure()}\n", doc="0 (at low) .. 1000"),
+    Attribute("headroom", lambda e: f"{e.device.headroom()}\n",
+              doc="pool bytes that can still be placed before high"),
+    Attribute("watermark_low", lambda e: f"{e.device.watermarks.low}\n", _set_low,
+              doc="fraction of the pool; pressure clears below it"),
+    Attribute("watermark_high", lambda e: f"{e.device.watermarks.high}\n", _set_high,
+              doc="fraction of the pool; pressure rises above it"),
+    Attribute("write_policy", lambda e: e.device.policy.value + "\n", _set_policy,
+              doc="reject, throttle or none"),
+    Attribute("failure_mode", lambda e: e.device.failure_mode.value + "\n", _set_failure_mode,
+              doc="drop or poison (policy none, past the real capacity)"),
+    Attribute("zero_pending", lambda e: f"{e.device.releasing_bytes}\n",
+              doc="pool bytes of released pages waiting for the zero flush"),
+    Attribute("pool_resident", lambda e: f"{e.device.pool.resident_bytes()}\n",
+              doc="arena bytes the kernel really holds for the pool (memfd blocks)"),
+    Attribute("lost_pages", _lost_pages, doc="page index and fate of each lost page"),
+    Attribute("compact", None, _compact, doc="write 1: compact the pool now"),
+    Attribute("mem_used_max", lambda e: f"{e.device.pool.max_used_bytes}\n", _reset_max,
+              doc="peak pool use; write 0 to reset, as zram's mem_used_max"),
+)
+
+
+def attributes_for(kind: str) -> tuple[Attribute, ...]:
+    return ATTRIBUTES

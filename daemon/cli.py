@@ -1,0 +1,165 @@
+"""cramfs: the admin tool. Reads the attribute files under the mountpoint; drives losetup,
+mkswap and swapon/swapoff for loop-swap on a device file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cramfs.sizes import format_size_approx
+from daemon import config as configuration
+
+COLUMNS = ("NAME", "KIND", "DISKSIZE", "POOL", "DATA", "COMPR", "USED", "RATIO", "STATE",
+           "PRESSURE", "LOOP")
+
+
+class CliError(Exception):
+    pass
+
+
+def _run(*command: str) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise CliError(f"{command[0]} not found: install util-linux") from None
+    if done.returncode != 0:
+        raise CliError(f"{' '.join(command)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def default_mountpoint() -> Path:
+    try:
+        return configuration.load(None).mountpoint
+    except configuration.ConfigError:
+        return Path("/run/cramfs")
+
+
+def devices(mountpoint: Path) -> list[Path]:
+    if not os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint} is not mounted: is cramfsd running?")
+    return sorted(p for p in mountpoint.iterdir() if (p / "data").exists())
+
+
+def device_dir(mountpoint: Path, name: str) -> Path:
+    path = mountpoint / name
+    if not os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint} is not mounted: is cramfsd running?")
+    if not (path / "data").exists():
+        names = ", ".join(p.name for p in devices(mountpoint)) or "none"
+        raise CliError(f"no device {name!r} under {mountpoint} (have: {names})")
+    return path
+
+
+def loops_of(data: Path) -> list[str]:
+    """Loop devices backed by ``data`` (losetup -j)."""
+    out = _run("losetup", "-j", str(data))
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
+
+
+def status(mountpoint: Path) -> str:
+    rows = [COLUMNS]
+    for path in devices(mountpoint):
+        def attr(name: str, path: Path = path) -> str:
+            return (path / name).read_text().strip()
+        mm = [int(x) for x in attr("mm_stat").split()]
+        orig, compr, used = mm[0], mm[1], mm[2]
+        ratio = f"{orig / used:.2f}" if used else "-"
+        loops = ",".join(loops_of(path / "data")) or "-"
+        rows.append((path.name, attr("kind"), format_size_approx(int(attr("disksize"))),
+                     format_size_approx(int(attr("pool_capacity"))), format_size_approx(orig),
+                     format_size_approx(compr), format_size_approx(used), ratio,
+                     attr("watermark_state"), attr("pressure"), loops))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(" ".join(str(v).rjust(w) if i and i not in (1, 8, 10) else
+                              str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths,
+                                                                             strict=True)))
+                     .rstrip() for row in rows) + "\n"
+
+
+def swapon(mountpoint: Path, name: str, priority: int | None) -> str:
+    data = device_dir(mountpoint, name) / "data"
+    if loops_of(data):
+        raise CliError(f"{name} is already attached to {', '.join(loops_of(data))}")
+    loop = _run("losetup", "--find", "--show", "--direct-io=on", str(data)).strip()
+    try:
+        _run("mkswap", "-L", f"cramfs-{name}", loop)
+        command = ["swapon"] + (["-p", str(priority)] if priority is not None else []) + [loop]
+        _run(*command)
+    except CliError:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
+        raise
+    return loop
+
+
+def swapoff(mountpoint: Path, name: str) -> list[str]:
+    data = device_dir(mountpoint, name) / "data"
+    loops = loops_of(data)
+    if not loops:
+        raise CliError(f"{name} is not attached to a loop device")
+    active = Path("/proc/swaps").read_text().split()
+    for loop in loops:
+        if loop in active:
+            _run("swapoff", loop)
+        _run("losetup", "-d", loop)
+    return loops
+
+
+def watch(mountpoint: Path, name: str, count: int | None) -> None:
+    """Print each watermark state change as the device raises it (poll(2) on the file)."""
+    path = device_dir(mountpoint, name) / "watermark_state"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        seen = 0
+        while count is None or seen < count:
+            state = os.pread(fd, 64, 0).decode().strip()
+            pressure = (path.parent / "pressure").read_text().strip()
+            print(f"{time.strftime('%H:%M:%S')} {name} {state} pressure={pressure}", flush=True)
+            seen += 1
+            if count is not None and seen >= count:
+                break
+            poller.poll()
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cramfs", description=__doc__.splitlines()[0])
+    parser.add_argument("--mountpoint", type=Path, help="default: the config's mountpoint")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="a table of devices, like zramctl")
+    on = commands.add_parser("swapon", help="losetup --direct-io=on, mkswap, swapon")
+    on.add_argument("name")
+    on.add_argument("--priority", "-p", type=int)
+    off = commands.add_parser("swapoff", help="swapoff and detach the loop device")
+    off.add_argument("name")
+    watcher = commands.add_parser("watch", help="print watermark state changes as they happen")
+    watcher.add_argument("name")
+    watcher.add_argument("--count", type=int, help="stop after this many lines")
+    args = parser.parse_args(argv)
+    mountpoint = args.mountpoint or default_mountpoint()
+    try:
+        if args.command == "status":
+            sys.stdout.write(status(mountpoint))
+        elif args.command == "swapon":
+            print(swapon(mountpoint, args.name, args.priority))
+        elif args.command == "swapoff":
+            print(" ".join(swapoff(mountpoint, args.name)))
+        elif args.command == "watch":
+            watch(mountpoint, args.name, args.count)
+    except CliError as exc:
+        print(f"cramfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The FUSE file system: one directory per device, a data file and its attribute files.
+
+A thin adapter. Compression and decompression of large requests run on worker threads under
+a limiter (zstandard releases the GIL); everything that touches the page table runs on the
+Trio thread, so commits never race. Every handler turns errors into FUSEError: an unexpected
+exception is logged and answered with EIO, it never takes the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import select
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from cramfs import PAGE_SIZE
+from cramfs.errors import InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from daemon.attributes import Attribute, attributes_for
+from daemon.devices import DeviceEntry
+
+log = logging.getLogger("cramfs.fs")
+
+ROOT = pyfuse3.ROOT_INODE
+# Requests at least this large are (de)compressed on a worker thread; smaller ones inline,
+# where the hand-off would cost more than the work.
+THREAD_MIN_BYTES = 64 * 1024
+ATTR_SIZE = 4096
+POLL_CHANGED = select.POLLIN | select.POLLRDNORM | select.POLLPRI
+
+
+@dataclass
+class Node:
+    inode: int
+    name: str
+    parent: int
+    entry: DeviceEntry | None = None  # None for the root
+    attribute: Attribute | None = None  # None for directories and data files
+    is_dir: bool = False
+    children: dict[bytes, int] = field(default_factory=dict)
+
+    @property
+    def is_data(self) -> bool:
+        return self.entry is not None and not self.is_dir and self.attribute is None
+
+
+@dataclass
+class Handle:
+    node: Node
+    seen_generation: int = 0  # watermark_state: generation at open / last read
+    poll_handle: pyfuse3.PollHandle | None = None
+
+
+def _guarded(handler: Callable) -> Callable:
+    """Map every failure of a handler to a FUSEError so the mount survives it."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: CramOperations, *args):
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class CramOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, entries: list[DeviceEntry], observe: Callable[[str, str, float], None]
+                 | None = None, threads: int = 2) -> None:
+        super().__init__()
+        self.entries = entries
+        self.observe = observe or (lambda device, op, seconds: None)
+        self.limiter = trio.CapacityLimiter(threads)
+        self.started = time.time()
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, "", ROOT, is_dir=True)}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.open_data: dict[str, int] = {}  # device name -> open data handles
+        self.on_idle: Callable[[], None] = lambda: None  # last data handle closed
+        for entry in entries:
+            self._add_device(entry)
+
+    # -- tree -----------------------------------------------------------------------------
+    def _add_node(self, node: Node) -> None:
+        self.nodes[node.inode] = node
+        self.nodes[node.parent].children[node.name.encode()] = node.inode
+
+    def _add_device(self, entry: DeviceEntry) -> None:
+        directory = Node(len(self.nodes) + 1, entry.name, ROOT, entry, is_dir=True)
+        self._add_node(directory)
+        self._add_node(Node(len(self.nodes) + 1, "data", directory.inode, entry))
+        for attribute in attributes_for(entry.kind):
+            self._add_node(Node(len(self.nodes) + 1, attribute.name, directory.inode, entry,
+                                attribute))
+        self.open_data[entry.name] = 0
+        entry.device.watermarks.subscribe(
+            lambda old, new, name=entry.name: self._state_changed(name, old, new))
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    def busy_devices(self) -> list[str]:
+        return [name for name, count in self.open_data.items() if count]
+
+    # -- attributes ---------------------------------------------------------------------
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.generation = 0
+        attrs.entry_timeout = 60
+        attrs.attr_timeout = 1
+        attrs.st_uid, attrs.st_gid = self.uid, self.gid
+        stamp = int(self.started * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = stamp
+        attrs.st_blksize = PAGE_SIZE
+        if node.is_dir:
+            attrs.st_mode = stat.S_IFDIR | 0o755
+            attrs.st_nlink = 2
+            attrs.st_size = 0
+        elif node.attribute is None:
+            assert node.entry is not None
+            attrs.st_mode = stat.S_IFREG | 0o600
+            attrs.st_nlink = 1
+            attrs.st_size = node.entry.device.size
+            attrs.st_blocks = node.entry.device.used_bytes // 512
+        else:
+            mode = (0o444 if node.attribute.read else 0) | (0o200 if node.attribute.write else 0)
+            attrs.st_mode = stat.S_IFREG | mode
+            attrs.st_nlink = 1
+            attrs.st_size = ATTR_SIZE
+        return attrs
+
+    @_guarded
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._node(inode))
+
+    @_guarded
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attrs(parent)
+        if name == b"..":
+            return self._attrs(self._node(parent.parent))
+        inode = parent.children.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.nodes[inode])
+
+    @_guarded
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # Truncation (O_TRUNC, `dd` without conv=notrunc, `echo >`) is accepted and ignored:
+        # like a block device, the data file has a fixed size and keeps its contents.
+        return self._attrs(node)
+
+    @_guarded
+    async def opendir(self, inode, ctx):
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guarded
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        for index, (name, inode) in enumerate(sorted(node.children.items())):
+            if index < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(self.nodes[inode]),
+                                         index + 1):
+                break
+
+    @_guarded
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = PAGE_SIZE
+        total = sum(e.device.pool.capacity for e in self.entries) // PAGE_SIZE
+        used = sum(e.device.used_bytes for e in self.entries) // PAGE_SIZE
+        stats.f_blocks, stats.f_bfree, stats.f_bavail = total, total - used, total - used
+        stats.f_files = stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    # -- open / release -------------------------------------------------------------------
+    @_guarded
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        accmode = flags & os.O_ACCMODE
+        if node.attribute is not None:
+            if accmode != os.O_RDONLY and node.attribute.write is None:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            if accmode != os.O_WRONLY and node.attribute.read is None:
+                raise pyfuse3.FUSEError(errno.EACCES)
+        fh = self._next_fh
+        self._next_fh += 1
+        handle = Handle(node)
+        if node.attribute is not None:
+            assert node.entry is not None
+            handle.seen_generation = node.entry.device.watermarks.generation
+            self.handles[fh] = handle
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        assert node.entry is not None
+        self.handles[fh] = handle
+        self.open_data[node.entry.name] += 1
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
+
+    @_guarded
+    async def release(self, fh):
+        handle = self.handles.pop(fh, None)
+        if handle is None or not handle.node.is_data:
+            return
+        assert handle.node.entry is not None
+        self.open_data[handle.node.entry.name] -= 1
+        if not self.busy_devices():
+            self.on_idle()
+
+    @_guarded
+    async def flush(self, fh):
+        return None
+
+    @_guarded
+    async def fsync(self, fh, datasync):
+        return None  # every accepted write is already in the pool
+
+    # -- data -----------------------------------------------------------------------------
+    @_guarded
+    async def read(self, fh, off, size):
+        handle = self._handle(fh)
+        node = handle.node
+        assert node.entry is not None
+        if node.attribute is not None:
+            return self._read_attribute(handle, off, size)
+        device = node.entry.device
+        started = time.perf_counter()
+        size = max(0, min(size, device.size - off))
+        if off < 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if size == 0:
+            return b""
+        try:
+            device.inject_fault("read")
+            plan = device.fetch(off, size)
+        except PoisonedPage as exc:
+            log.warning("%s: read of poisoned page %d", node.entry.name, exc.page)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except InjectedFault:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if size >= THREAD_MIN_BYTES:
+            data = await trio.to_thread.run_sync(device.decode, plan, limiter=self.limiter)
+        else:
+            data = device.decode(plan)
+        delay = device.io_delay("read", size)
+        if delay > 0:
+            await trio.sleep(delay)
+        self.observe(node.entry.name, "read", time.perf_counter() - started)
+        return data
+
+    @_guarded
+    async def write(self, fh, off, buf):
+        handle = self._handle(fh)
+        node = handle.node
+        assert node.entry is not None
+        if node.attribute is not None:
+            return self._write_attribute(node, off, buf)
+        device = node.entry.device
+        name = node.entry.name
+        started = time.perf_counter()
+        try:
+            device.check_range(off, len(buf))
+            device.inject_fault("write")
+            if len(buf) >= THREAD_MIN_BYTES:
+                plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
+                                                     limiter=self.limiter)
+            else:
+                plan = device.prepare_write(off, buf)
+            result = device.commit_write(plan)
+        except OutOfRange:
+            raise pyfuse3.FUSEError(errno.EFBIG) from None
+        except WriteRejected as exc:
+            log.debug("%s: write of %d bytes at %d rejected: %s", name, len(buf), off, exc)
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except PoisonedPage as exc:
+            log.warning("%s: partial write into poisoned page %d", name, exc.page)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except InjectedFault:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if result.lost_pages:
+            log.warning("%s: %d page(s) past the real capacity were %s", name,
+                        result.lost_pages,
+                        "dropped" if device.failure_mode.value == "drop" else "poisoned")
+        delay = result.delay + device.io_delay("write", len(buf))
+        if delay > 0:
+            await trio.sleep(delay)
+        self.observe(name, "write", time.perf_counter() - started)
+        return len(buf)
+
+    def _read_attribute(self, handle: Handle, off: int, size: int) -> bytes:
+        node = handle.node
+        assert node.attribute is not None and node.attribute.read is not None
+        assert node.entry is not None
+        if node.attribute.pollable:
+            handle.seen_generation = node.entry.device.watermarks.generation
+        text = node.attribute.read(node.entry).encode()
+        return text[off:off + size]
+
+    def _write_attribute(self, node: Node, off: int, buf: bytes) -> int:
+        attribute = node.attribute
+        assert attribute is not None and attribute.write is not None and node.entry is not None
+        if off != 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            text = buf.decode("ascii").strip()
+            attribute.write(node.entry, text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.info("%s/%s: rejected %r: %s", node.entry.name, attribute.name, buf[:64], exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        log.info("%s/%s set to %s", node.entry.name, attribute.name, text)
+        return len(buf)
+
+    # -- poll: the emulated watermark interrupt -------------------------------------------
+    @_guarded
+    async def poll(self, inode, fh, poll_handle, ctx):
+        handle = self._handle(fh)
+        node = handle.node
+        if node.attribute is None or not node.attribute.pollable:
+            return select.POLLIN | select.POLLRDNORM | select.POLLOUT | select.POLLWRNORM
+        assert node.entry is not None
+        if poll_handle is not None:
+            handle.poll_handle = poll_handle
+        if node.entry.device.watermarks.generation != handle.seen_generation:
+            return POLL_CHANGED
+        return 0
+
+    def _state_changed(self, name: str, old, new) -> None:
+        log.warning("%s: watermark state %s -> %s", name, old.value, new.value)
+        for handle in list(self.handles.values()):
+            if handle.poll_handle is not None and handle.node.entry is not None \
+                    and handle.node.entry.name == name:
+                poll_handle, handle.poll_handle = handle.poll_handle, None
+                try:
+                    poll_handle.notify()
+                except OSError as exc:  # the poller may have gone away
+                    log.debug("poll notify failed: %s", exc)

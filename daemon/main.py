@@ -1,0 +1,185 @@
+"""cramfsd: serve the configured devices over FUSE (and metrics over HTTP) until stopped.
+
+Stopping is safe for swap: on SIGTERM/SIGINT the daemon exits only once no data file is open.
+While a loop device holds one (swap may be active on it), it logs which device is in use and
+keeps serving; `cramfs swapoff NAME` releases it and the daemon then unmounts and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cramfs.device import CompressedDevice
+from daemon import config as configuration
+from daemon import system
+from daemon.devices import DeviceEntry
+from daemon.fs import CramOperations
+
+log = logging.getLogger("cramfs")
+MAX_BACKGROUND = 64
+FUSE_WORKERS = 64
+
+
+class UsageError(Exception):
+    """Bad command line or configuration: exit 2 with one line."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cramfsd", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="TOML file (default /etc/cramfs/cramfs.toml "
+                        "if present, else the embedded default)")
+    parser.add_argument("--mountpoint", type=Path, help="overrides the config's mountpoint")
+    parser.add_argument("--metrics-address", help='HOST:PORT, or "" to turn metrics off')
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd the journal stamps lines itself; elsewhere add a timestamp.
+    under_systemd = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def build(args: argparse.Namespace) -> configuration.Config:
+    try:
+        config = configuration.load(args.config)
+        if args.mountpoint is not None:
+            config.mountpoint = args.mountpoint
+        if args.metrics_address is not None:
+            if args.metrics_address:
+                configuration.check_address(args.metrics_address, "--metrics-address")
+            config.metrics_address = args.metrics_address
+    except configuration.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return config
+
+
+class Daemon:
+    def __init__(self, config: configuration.Config) -> None:
+        self.config = config
+        self.entries = [DeviceEntry(spec.name, spec.kind, CompressedDevice(spec.device))
+                        for spec in config.devices]
+        self.metrics = None
+        self.ops = CramOperations(self.entries)
+        self.stop_requested = False
+        self.ops.on_idle = self._idle
+
+    def start_metrics(self) -> None:
+        if not self.config.metrics_address:
+            return
+        from daemon.metrics import Metrics, MetricsAddressError
+
+        metrics = Metrics(lambda: self.entries)
+        try:
+            metrics.start(self.config.metrics_address)
+        except MetricsAddressError as exc:
+            raise UsageError(str(exc)) from None
+        self.metrics = metrics
+        self.ops.observe = metrics.observe
+        log.info("metrics on http://%s/metrics", self.config.metrics_address)
+
+    def _idle(self) -> None:
+        if self.stop_requested:
+            log.info("last device file released; stopping")
+            pyfuse3.terminate()
+
+    def request_stop(self, signum: int) -> None:
+        busy = self.ops.busy_devices()
+        if not busy:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            self.stop_requested = True
+            pyfuse3.terminate()
+            return
+        self.stop_requested = True
+        for name in busy:
+            log.warning("%s: not stopping: %s/data is in use (a loop device or swap may hold it);"
+                        " release it with `cramfs swapoff %s`; the daemon stops once it is "
+                        "released", signal.Signals(signum).name, name, name)
+
+    async def run(self) -> None:
+        mountpoint = self.config.mountpoint
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        options = set(pyfuse3.default_options)
+        options.update({"fsname=cramfs", "subtype=cramfs", "allow_other"})
+        options.discard("default_permissions")
+        pyfuse3.init(self.ops, str(mountpoint), options)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery)
+                nursery.start_soon(self._ready)
+                for entry in self.entries:
+                    if entry.device.zero_flush_interval:
+                        nursery.start_soon(self._zero_flusher, entry)
+                await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
+                nursery.cancel_scope.cancel()
+        finally:
+            system.sd_notify("STOPPING=1")
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+
+    async def _ready(self) -> None:
+        mountpoint = self.config.mountpoint
+        # A stat through the mount proves the loop is serving before we announce it.
+        first = self.entries[0].name
+        info = await trio.to_thread.run_sync(os.stat, mountpoint / first / "data")
+        await trio.to_thread.run_sync(system.tune_fuse_connection, info.st_dev, MAX_BACKGROUND)
+        system.sd_notify("READY=1\nSTATUS=serving " + ", ".join(e.name for e in self.entries))
+        log.info("mounted %s with %s", mountpoint,
+                 ", ".join(f"{e.name} ({e.kind})" for e in self.entries))
+
+    async def _zero_flusher(self, entry: DeviceEntry) -> None:
+        """Emulate the device's batched media zeroing of released pages."""
+        while True:
+            await trio.sleep(entry.device.zero_flush_interval)
+            freed = entry.device.flush_releases()
+            if freed:
+                log.debug("%s: zero flush returned %d pages", entry.name, freed)
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.request_stop(signum)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        for entry in self.entries:
+            entry.device.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = build(args)
+        daemon = Daemon(config)
+        daemon.start_metrics()
+    except UsageError as exc:
+        print(f"cramfsd: {exc}", file=sys.stderr)
+        return 2
+    log.info("configuration: %s", config.source)
+    system.set_io_flusher()
+    system.lock_memory()
+    try:
+        trio.run(daemon.run)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        daemon.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
