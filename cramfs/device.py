@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs import codec as enc
 from cramfs import pagetable as pt
+from cramfs.backing import BackingStore
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, fill_page
-from cramfs.errors import InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
 from cramfs.zspool import PoolExhausted, ZsPool
@@ -77,6 +78,12 @@ class Counters:
     throttled_writes: int = 0
     throttle_seconds: float = 0.0
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    # zswap's debugfs counters (stay 0 on devices without a backing file)
+    written_back_pages: int = 0
+    reject_reclaim_fail: int = 0
+    reject_compress_fail: int = 0
+    decompress_fail: int = 0
+    backing_write_errors: int = 0
     injected_errors: dict[str, int] = field(
         default_factory=lambda: {"read": 0, "write": 0})
 
@@ -105,6 +112,7 @@ class ReadPlan:
 RELEASED_OWNER = 0xFFFFFFFE  # pool owner of a released slot awaiting the zero flush
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
+_BACKING = -3  # phase-1 marker: written to the backing file (zswap)
 
 
 class CompressedDevice:
@@ -135,6 +143,10 @@ class CompressedDevice:
         self.releasing: set[int] = set()  # pool handles of released pages awaiting the flush
         self.releasing_bytes = 0
         self.timing = Timing(config.timing)
+        # zswap (cramfs.zswap) plugs a backing file in; plain devices have none.
+        self.backing: BackingStore | None = None
+        self.backing_pages = 0
+        self.referenced: bytearray | None = None  # second-chance bits, when there is an LRU
 
     # -- ranges -------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:
@@ -190,7 +202,13 @@ class CompressedDevice:
             counters.throttled_writes += 1
             counters.throttle_seconds += result.delay
         peak = self.pool.max_used_frames
-        placed = self._place_all(first, encoded)
+        try:
+            placed = self._place_all(first, encoded)
+        except OSError as exc:
+            self._undo(peak)
+            counters.backing_write_errors += 1
+            counters.failed_writes += 1
+            raise BackingError(f"backing file write failed: {exc.strerror}") from exc
         failed = [i for i, h in enumerate(placed) if h == _FAILED]
         if failed and self.policy is not Policy.NONE:
             self._undo(peak)
@@ -254,6 +272,7 @@ class CompressedDevice:
         class_of, slot_size, alloc_in, write = (pool.class_of, pool.slot_size, pool.alloc_in,
                                                 pool.write)
         same, shift = enc.SAME, pt.STATE_SHIFT
+        backing = self.backing
         placed = []
         for i, item in enumerate(encoded):
             if item.kind == same:
@@ -265,18 +284,36 @@ class CompressedDevice:
             state = meta[index] >> shift
             old_size = slot_size(loc[index]) if state == pt.COMPRESSED or state == pt.HUGE \
                 else 0
+            if backing is not None and not self._pool_accepts(item):
+                self._write_backing(index, item)
+                placed.append(_BACKING)
+                continue
             if old_size == cls.size:
                 placed.append(_INPLACE)
                 continue
             try:
                 handle = alloc_in(cls, index)
             except PoolExhausted:
+                if backing is not None:
+                    self.counters.reject_alloc_fail += 1
+                    self._write_backing(index, item)
+                    placed.append(_BACKING)
+                    continue
                 placed.append(_INPLACE if old_size >= len(payload) else _FAILED)
                 continue
             write(handle, payload)
             pending[index] = handle
             placed.append(handle)
         return placed
+
+    def _pool_accepts(self, item: Encoded) -> bool:
+        """May this page go to the pool? (zswap's limit and hysteresis live here.)"""
+        return True
+
+    def _write_backing(self, index: int, item: Encoded) -> None:
+        assert self.backing is not None
+        raw = item.payload if item.kind == enc.HUGE else self.codec.decompress(item.payload)
+        self.backing.write(index, raw)
 
     def _undo(self, peak: int) -> None:
         pending = self._pending
@@ -304,6 +341,14 @@ class CompressedDevice:
                 continue
             kind = item.kind
             was_empty = table.meta[index] == 0
+            if marker == _BACKING:
+                self._forget(index, free=True, keep_backing=True)
+                table.set(index, pt.BACKING, PAGE_SIZE, 0)
+                self.backing_pages += 1
+                self.pages_stored += 1
+                self.poisoned.discard(index)
+                self.lost.discard(index)
+                continue
             if marker == _INPLACE:
                 handle = table.loc[index]
                 self._forget(index, free=False)
@@ -328,6 +373,8 @@ class CompressedDevice:
                 length = len(item.payload)
                 state = pt.COMPRESSED if kind == enc.COMPRESSED else pt.HUGE
                 table.set(index, state, length, handle)
+                if self.referenced is not None:
+                    self.referenced[index] = 1
                 self.compr_data_size += length
                 if kind == enc.HUGE:
                     self.huge_pages += 1
@@ -336,9 +383,12 @@ class CompressedDevice:
                         counters.reject_compress_poor += 1
             self.pages_stored += 1
 
-    def _forget(self, index: int, free: bool, defer: bool = False) -> None:
+    def _forget(self, index: int, free: bool, defer: bool = False,
+                keep_backing: bool = False) -> None:
         """Drop a page's contents from the books; free its slot if ``free``, or park the slot
-        for the next zero flush if ``defer`` (the slot is reused in place otherwise)."""
+        for the next zero flush if ``defer`` (the slot is reused in place otherwise). A page
+        leaving the backing file gets its block punched out, unless ``keep_backing`` (it was
+        just rewritten there)."""
         table = self.table
         state = table.state(index)
         if state == pt.EMPTY:
@@ -346,6 +396,10 @@ class CompressedDevice:
         self.pages_stored -= 1
         if state == pt.SAME:
             self.same_pages -= 1
+        elif state == pt.BACKING:
+            self.backing_pages -= 1
+            if not keep_backing and self.backing is not None:
+                self.backing.punch(index)
         elif state in (pt.COMPRESSED, pt.HUGE):
             self.compr_data_size -= table.length(index)
             if state == pt.HUGE:
@@ -396,7 +450,7 @@ class CompressedDevice:
     def fetch(self, offset: int, length: int) -> ReadPlan:
         """Copy what a read needs out of the pool (caller's thread, between commits)."""
         self.check_range(offset, length)
-        table, pool = self.table, self.pool
+        table, pool, referenced = self.table, self.pool, self.referenced
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1
         pages = []
@@ -409,8 +463,13 @@ class CompressedDevice:
                 pages.append((state, pool.read(table.loc[index], table.length(index))))
             elif state == pt.SAME:
                 pages.append((state, table.loc[index]))
+            elif state == pt.BACKING:
+                assert self.backing is not None
+                pages.append((pt.HUGE, self.backing.read(index)))
             else:
                 pages.append((pt.EMPTY, None))
+            if referenced is not None:
+                referenced[index] = 1
         self.counters.read_requests += 1
         self.counters.read_bytes += length
         return ReadPlan(offset, length, pages)
@@ -443,6 +502,9 @@ class CompressedDevice:
             return ZERO_PAGE
         if state == pt.SAME:
             return fill_page(self.table.loc[index])
+        if state == pt.BACKING:
+            assert self.backing is not None
+            return self.backing.read(index)
         payload = self.pool.read(self.table.loc[index], self.table.length(index))
         return payload if state == pt.HUGE else self.codec.decompress(payload)
 
@@ -501,7 +563,8 @@ class CompressedDevice:
     def recount(self) -> dict[str, int]:
         """Recompute the gauges from the page table (slow; for tests and audits)."""
         table = self.table
-        counts = {"pages_stored": 0, "same_pages": 0, "huge_pages": 0, "compr_data_size": 0}
+        counts = {"pages_stored": 0, "same_pages": 0, "huge_pages": 0, "compr_data_size": 0,
+                  "backing_pages": 0}
         handles = {}
         for index in range(self.pages):
             state = table.state(index)
@@ -510,6 +573,8 @@ class CompressedDevice:
             counts["pages_stored"] += 1
             if state == pt.SAME:
                 counts["same_pages"] += 1
+            elif state == pt.BACKING:
+                counts["backing_pages"] += 1
             elif state in (pt.COMPRESSED, pt.HUGE):
                 counts["compr_data_size"] += table.length(index)
                 counts["huge_pages"] += state == pt.HUGE
@@ -520,3 +585,6 @@ class CompressedDevice:
 
     def close(self) -> None:
         self.pool.close()
+        self.codec.close()
+        if self.backing is not None:
+            self.backing.close()

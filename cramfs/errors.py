@@ -27,3 +27,7 @@ class PoisonedPage(DeviceError):
 
 class InjectedFault(DeviceError):
     """A request failed on purpose by the configured error rate (EIO)."""
+
+
+class BackingError(DeviceError):
+    """The backing file refused a write (disk full, I/O error): EIO, nothing placed."""

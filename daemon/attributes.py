@@ -111,5 +111,46 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 )
 
 
+ZSWAP_COUNTERS = ("pool_limit_hit", "reject_reclaim_fail", "reject_alloc_fail",
+                  "reject_kmemcache_fail", "reject_compress_fail", "reject_compress_poor",
+                  "decompress_fail", "written_back_pages", "pool_total_size", "stored_pages",
+                  "stored_incompressible_pages")
+
+
+def _zswap_counter(name: str) -> Reader:
+    return lambda entry: f"{entry.device.debugfs()[name]}\n"
+
+
+def _percent(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"not a whole percent: {text!r}")
+    return int(text)
+
+
+def _set_max_pool(entry: DeviceEntry, text: str) -> None:
+    entry.device.set_limits(max_pool_percent=_percent(text))
+
+
+def _set_accept(entry: DeviceEntry, text: str) -> None:
+    entry.device.set_limits(accept_threshold_percent=_percent(text))
+
+
+ZSWAP_ATTRIBUTES: tuple[Attribute, ...] = tuple(
+    Attribute(name, _zswap_counter(name), doc="as zswap's debugfs file of the same name")
+    for name in ZSWAP_COUNTERS) + (
+    Attribute("max_pool_percent", lambda e: f"{e.device.max_pool_percent}\n", _set_max_pool,
+              doc="share of the pool zswap may fill"),
+    Attribute("accept_threshold_percent", lambda e: f"{e.device.accept_threshold_percent}\n",
+              _set_accept, doc="after the limit is hit, refuse until usage is below this "
+              "share of the limit"),
+    Attribute("backing_pages", lambda e: f"{e.device.backing_pages}\n",
+              doc="pages living in the backing file"),
+    Attribute("backing_allocated", lambda e: f"{e.device.backing.allocated_bytes()}\n",
+              doc="bytes the backing file really occupies on disk"),
+)
+
+
 def attributes_for(kind: str) -> tuple[Attribute, ...]:
+    if kind == "zswap":
+        return ATTRIBUTES + ZSWAP_ATTRIBUTES
     return ATTRIBUTES

@@ -17,6 +17,7 @@ from cramfs.device import DeviceConfig
 from cramfs.sizes import parse_size
 from cramfs.timing import TimingConfig
 from cramfs.watermarks import FailureMode, Policy, validate_marks
+from cramfs.zswap import DEFAULT_ACCEPT_THRESHOLD_PERCENT, DEFAULT_MAX_POOL_PERCENT
 from daemon.devices import KINDS
 
 DEFAULT_PATH = Path("/etc/cramfs/cramfs.toml")
@@ -112,8 +113,6 @@ def _device(name: str, body: Any) -> DeviceSpec:
     kind = body.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "zswap":
-        raise ConfigError(f"{where}.kind: zswap devices are not available in this version yet")
     allowed = _DEVICE_KEYS | (_ZSWAP_KEYS if kind == "zswap" else set())
     _no_unknown(body, allowed, f"{where}.")
     for key in ("size", "pool"):
@@ -157,8 +156,22 @@ def _device(name: str, body: Any) -> DeviceSpec:
                               throttle_max_delay=float(delay), **extra)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    zswap = {key: body[key] for key in _ZSWAP_KEYS if key in body}
+    zswap: dict[str, Any] = {}
+    if kind == "zswap":
+        zswap = _zswap(body, where)
     return DeviceSpec(name, kind, config, compressor, zswap)
+
+
+def _zswap(body: dict, where: str) -> dict[str, Any]:
+    backing = body.get("backing_file")
+    if not isinstance(backing, str) or not backing:
+        raise ConfigError(f"{where}.backing_file: required for zswap devices (a path on disk)")
+    max_pool = _int(body.get("max_pool_percent", DEFAULT_MAX_POOL_PERCENT),
+                    f"{where}.max_pool_percent", 1, 100)
+    accept = _int(body.get("accept_threshold_percent", DEFAULT_ACCEPT_THRESHOLD_PERCENT),
+                  f"{where}.accept_threshold_percent", 0, 100)
+    return {"backing_file": Path(backing), "max_pool_percent": max_pool,
+            "accept_threshold_percent": accept}
 
 
 def _timing(table: Any, where: str) -> TimingConfig:

@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from cramfs.device import CompressedDevice
+from cramfs.zswap import ZswapDevice
 from daemon import config as configuration
 from daemon import system
 from daemon.devices import DeviceEntry
@@ -26,6 +27,7 @@ from daemon.fs import CramOperations
 log = logging.getLogger("cramfs")
 MAX_BACKGROUND = 64
 FUSE_WORKERS = 64
+SHRINKER_IDLE = 0.02  # seconds between checks of a zswap pool
 
 
 class UsageError(Exception):
@@ -65,10 +67,20 @@ def build(args: argparse.Namespace) -> configuration.Config:
     return config
 
 
+def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
+    if spec.kind != "zswap":
+        return CompressedDevice(spec.device)
+    try:
+        return ZswapDevice(spec.device, **spec.zswap)
+    except OSError as exc:
+        raise UsageError(f"device.{spec.name}.backing_file: {spec.zswap['backing_file']}: "
+                         f"{exc.strerror}") from None
+
+
 class Daemon:
     def __init__(self, config: configuration.Config) -> None:
         self.config = config
-        self.entries = [DeviceEntry(spec.name, spec.kind, CompressedDevice(spec.device))
+        self.entries = [DeviceEntry(spec.name, spec.kind, make_device(spec))
                         for spec in config.devices]
         self.metrics = None
         self.ops = CramOperations(self.entries)
@@ -121,6 +133,8 @@ class Daemon:
                 for entry in self.entries:
                     if entry.device.zero_flush_interval:
                         nursery.start_soon(self._zero_flusher, entry)
+                    if isinstance(entry.device, ZswapDevice):
+                        nursery.start_soon(self._shrinker, entry)
                 await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
                 nursery.cancel_scope.cancel()
         finally:
@@ -146,6 +160,20 @@ class Daemon:
             if freed:
                 log.debug("%s: zero flush returned %d pages", entry.name, freed)
 
+    async def _shrinker(self, entry: DeviceEntry) -> None:
+        """zswap's shrink worker: write cold pages back while the pool is above the accept
+        threshold, a batch at a time so FUSE requests interleave."""
+        device = entry.device
+        assert isinstance(device, ZswapDevice)
+        while True:
+            if device.needs_writeback():
+                if device.writeback(max_pages=64) == 0:
+                    await trio.sleep(SHRINKER_IDLE)  # nothing cold yet: let bits age
+                else:
+                    await trio.sleep(0)
+            else:
+                await trio.sleep(SHRINKER_IDLE)
+
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
@@ -164,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build(args)
         daemon = Daemon(config)
+    except UsageError as exc:
+        print(f"cramfsd: {exc}", file=sys.stderr)
+        return 2
+    try:
         daemon.start_metrics()
     except UsageError as exc:
+        daemon.close()
         print(f"cramfsd: {exc}", file=sys.stderr)
         return 2
     log.info("configuration: %s", config.source)

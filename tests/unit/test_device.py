@@ -16,7 +16,7 @@ from cramfs.errors import OutOfRange, PoisonedPage, WriteRejected
 from cramfs.watermarks import EVENT_FULL, FailureMode, Policy, State
 
 P = PAGE_SIZE
-GAUGES = ("pages_stored", "same_pages", "huge_pages", "compr_data_size")
+GAUGES = ("pages_stored", "same_pages", "huge_pages", "compr_data_size", "backing_pages")
 
 
 def make(size: int = 256 * P, pool: int = 64 * P, **kwargs) -> CompressedDevice:

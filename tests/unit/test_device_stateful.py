@@ -24,7 +24,7 @@ PAGES = 128  # 512 KiB advertised
 POOL_FRAMES = 32  # 128 KiB real: the device holds its 512 KiB only at 4:1 or better
 SIZE = PAGES * P
 KINDS = ("random", "pattern", "zeros", "words", "text", "mixed")
-GAUGES = ("pages_stored", "same_pages", "huge_pages", "compr_data_size")
+GAUGES = ("pages_stored", "same_pages", "huge_pages", "compr_data_size", "backing_pages")
 
 SETTINGS = settings(max_examples=80, stateful_step_count=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,0 +1,159 @@
+"""A zswap-like device: a compressed cache in the pool in front of a backing file.
+
+Each page lives in exactly one place (seed 001's virtual swap): nowhere (empty or same-filled),
+the compressed pool, or the backing file. As in the kernel's zswap:
+- the pool may use ``max_pool_percent`` of its capacity; hitting that counts
+  ``pool_limit_hit`` and refuses new pool stores until usage falls below
+  ``accept_threshold_percent`` of the limit (hysteresis);
+- pages that do not compress (``reject_compress_poor``) and pages the pool refuses go straight
+  to the backing file;
+- a shrinker writes cold pages back: a CLOCK sweep over a referenced bit per page (a
+  second-chance LRU in one byte a page, no per-page objects), counting ``written_back_pages``.
+zswap never refuses a write: the backing file is the fallback, so write control is off here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cramfs import PAGE_SIZE
+from cramfs import codec as enc
+from cramfs import pagetable as pt
+from cramfs.backing import BackingStore
+from cramfs.codec import Encoded
+from cramfs.device import CompressedDevice, DeviceConfig
+from cramfs.watermarks import Policy
+
+DEFAULT_MAX_POOL_PERCENT = 20
+DEFAULT_ACCEPT_THRESHOLD_PERCENT = 90
+
+
+def validate_percents(max_pool: int, accept: int) -> None:
+    if isinstance(max_pool, bool) or not isinstance(max_pool, int) or not 1 <= max_pool <= 100:
+        raise ValueError(f"max_pool_percent must be an integer 1..100, got {max_pool!r}")
+    if isinstance(accept, bool) or not isinstance(accept, int) or not 0 <= accept <= 100:
+        raise ValueError(f"accept_threshold_percent must be an integer 0..100, got {accept!r}")
+
+
+class ZswapDevice(CompressedDevice):
+    def __init__(self, config: DeviceConfig, backing_file: Path | str,
+                 max_pool_percent: int = DEFAULT_MAX_POOL_PERCENT,
+                 accept_threshold_percent: int = DEFAULT_ACCEPT_THRESHOLD_PERCENT) -> None:
+        validate_percents(max_pool_percent, accept_threshold_percent)
+        super().__init__(config)
+        self.policy = Policy.NONE
+        try:
+            self.backing = BackingStore(backing_file, config.size)
+        except OSError:
+            self.pool.close()
+            raise
+        self.max_pool_percent = max_pool_percent
+        self.accept_threshold_percent = accept_threshold_percent
+        self.referenced = bytearray(self.pages)
+        self.limit_reached = False  # zswap_pool_reached_full
+        self._hand = 0
+
+    # -- the limit and its hysteresis ------------------------------------------------------
+    @property
+    def pool_limit(self) -> int:
+        return self.pool.capacity * self.max_pool_percent // 100
+
+    @property
+    def accept_bytes(self) -> int:
+        return self.pool_limit * self.accept_threshold_percent // 100
+
+    def set_limits(self, max_pool_percent: int | None = None,
+                   accept_threshold_percent: int | None = None) -> None:
+        max_pool = self.max_pool_percent if max_pool_percent is None else max_pool_percent
+        accept = (self.accept_threshold_percent if accept_threshold_percent is None
+                  else accept_threshold_percent)
+        validate_percents(max_pool, accept)
+        self.max_pool_percent, self.accept_threshold_percent = max_pool, accept
+
+    def _pool_accepts(self, item: Encoded) -> bool:
+        if item.kind == enc.HUGE:
+            self.counters.reject_compress_poor += 1
+            return False
+        used = self.pool.used_bytes
+        if self.limit_reached:
+            if used >= self.accept_bytes:
+                return False
+            self.limit_reached = False
+        # Room for one more block of the largest class keeps a store from overshooting.
+        if used + PAGE_SIZE > self.pool_limit:
+            self.limit_reached = True
+            self.counters.pool_limit_hit += 1
+            return False
+        return True
+
+    # -- the shrinker ----------------------------------------------------------------------
+    def needs_writeback(self) -> bool:
+        return self.pool.used_bytes > self.accept_bytes
+
+    def writeback(self, max_pages: int = 64, max_scan: int = 16384) -> int:
+        """Write up to ``max_pages`` cold pool pages to the backing file (CLOCK sweep),
+        stopping once usage is below the accept threshold. Returns pages written."""
+        table, referenced, pages = self.table, self.referenced, self.pages
+        assert referenced is not None and self.backing is not None
+        meta, shift = table.meta, pt.STATE_SHIFT
+        written = 0
+        hand = self._hand
+        target = self.accept_bytes
+        for _ in range(max_scan):
+            if written >= max_pages or self.pool.used_bytes <= target:
+                break
+            index = hand
+            hand = hand + 1 if hand + 1 < pages else 0
+            state = meta[index] >> shift
+            if state != pt.COMPRESSED and state != pt.HUGE:
+                continue
+            if referenced[index]:
+                referenced[index] = 0  # second chance
+                continue
+            if self._write_back(index):
+                written += 1
+        self._hand = hand
+        if written:
+            self.watermarks.update(self.pool.used_bytes)
+        return written
+
+    def _write_back(self, index: int) -> bool:
+        table, pool, counters = self.table, self.pool, self.counters
+        assert self.backing is not None
+        state, length, handle = table.state(index), table.length(index), table.loc[index]
+        payload = pool.read(handle, length)
+        try:
+            page = payload if state == pt.HUGE else self.codec.decompress(payload)
+        except Exception:
+            counters.decompress_fail += 1
+            return False
+        try:
+            self.backing.write(index, page)
+        except OSError:
+            counters.reject_reclaim_fail += 1
+            return False
+        pool.free(handle)
+        self.compr_data_size -= length
+        if state == pt.HUGE:
+            self.huge_pages -= 1
+        table.set(index, pt.BACKING, PAGE_SIZE, 0)
+        self.backing_pages += 1
+        counters.written_back_pages += 1
+        return True
+
+    # -- zswap's debugfs view --------------------------------------------------------------
+    def debugfs(self) -> dict[str, int]:
+        counters = self.counters
+        return {
+            "pool_limit_hit": counters.pool_limit_hit,
+            "reject_reclaim_fail": counters.reject_reclaim_fail,
+            "reject_alloc_fail": counters.reject_alloc_fail,
+            "reject_kmemcache_fail": 0,
+            "reject_compress_fail": counters.reject_compress_fail,
+            "reject_compress_poor": counters.reject_compress_poor,
+            "decompress_fail": counters.decompress_fail,
+            "written_back_pages": counters.written_back_pages,
+            "pool_total_size": self.pool.used_bytes,
+            "stored_pages": self.pages_stored - self.backing_pages,
+            "stored_incompressible_pages": self.huge_pages,
+        }
