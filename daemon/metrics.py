@@ -208,6 +208,15 @@ class Metrics:
                             "Allocations that did not fit the pool (zswap pool_limit_hit).")
         written_back = counter("cramfs_written_back_pages",
                                "Pages written back from the pool to the backing file (zswap).")
+        backing = gauge("cramfs_backing_pages",
+                        "Pages living in the backing file (zswap devices; 0 elsewhere).")
+        resident = gauge("cramfs_pool_resident_bytes",
+                         "Arena bytes the kernel really holds for the pool (the memfd's "
+                         "allocated blocks); should track cramfs_pool_used_bytes.")
+        zero_pending = gauge("cramfs_zero_pending_bytes",
+                             "Pool bytes of released pages waiting for the batched zero flush.")
+        injected = counter("cramfs_injected_errors",
+                           "Requests failed on purpose by the configured error rate.", ("op",))
         objects = GaugeHistogramMetricFamily(
             "cramfs_stored_object_bytes",
             "Sizes of the objects stored in the pool now (huge pages count as 4096).",
@@ -261,12 +270,17 @@ class Metrics:
             limit_hit.add_metric(d, c.pool_limit_hit)
             written_back.add_metric(d, getattr(c, "written_back_pages", 0))
             objects.add_metric(d, _object_buckets(pool.classes), dev.compr_data_size)
+            backing.add_metric(d, dev.backing_pages)
+            resident.add_metric(d, pool.resident_bytes())
+            zero_pending.add_metric(d, dev.releasing_bytes)
+            for op in OPS:
+                injected.add_metric([name, op], c.injected_errors.get(op, 0))
 
         yield from (info, size, capacity, used, used_max, stored, same, huge, compressed,
                     original, ratio, effective, efficiency, pressure, headroom, low, high, state,
                     changed, poisoned, requests, io_bytes, failed, invalid, released, rejected,
                     lost, throttled, throttle_s, events, compacted, huge_since, poor, limit_hit,
-                    written_back, objects)
+                    written_back, objects, backing, resident, zero_pending, injected)
         yield self._latency_family(names)
 
     def _latency_family(self, names: list[str]) -> HistogramMetricFamily:

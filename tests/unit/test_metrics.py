@@ -70,6 +70,10 @@ EXPECTED = {
     "cramfs_reject_compress_poor": ("counter", {"device"}),
     "cramfs_pool_limit_hit": ("counter", {"device"}),
     "cramfs_written_back_pages": ("counter", {"device"}),
+    "cramfs_backing_pages": ("gauge", {"device"}),
+    "cramfs_pool_resident_bytes": ("gauge", {"device"}),
+    "cramfs_zero_pending_bytes": ("gauge", {"device"}),
+    "cramfs_injected_errors": ("counter", {"device", "op"}),
     "cramfs_stored_object_bytes": ("histogram", {"device"}),  # a gauge histogram
     "cramfs_stored_object_bytes_gcount": ("gauge", {"device"}),
     "cramfs_stored_object_bytes_gsum": ("gauge", {"device"}),
