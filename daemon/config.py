@@ -64,9 +64,11 @@ def load(path: Path | None) -> Config:
         else:
             return parse(default_text(), "embedded default")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return parse(text, str(path))
 
 

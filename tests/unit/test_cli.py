@@ -1,0 +1,206 @@
+"""daemon.cli: the `cramfs` admin tool against a fake mountpoint (a directory tree of
+attribute files), with ismount and losetup stubbed out."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from daemon import cli
+from daemon import config as configuration
+from daemon.cli import COLUMNS, CliError
+
+MIB = 1 << 20
+
+
+def make_device(root, name: str, kind: str = "swap", disksize: int = 1 << 30,
+                pool: int = 256 * MIB, mm: tuple[int, ...] = (0,) * 9,
+                state: str = "ok", pressure: int = 0) -> None:
+    path = root / name
+    path.mkdir()
+    mm_stat = tuple(mm) + (0,) * (9 - len(mm))
+    files = {
+        "kind": f"{kind}\n",
+        "disksize": f"{disksize}\n",
+        "pool_capacity": f"{pool}\n",
+        "mm_stat": " ".join(f"{v:>8}" for v in mm_stat) + "\n",
+        "watermark_state": f"{state}\n",
+        "pressure": f"{pressure}\n",
+        "data": "",
+    }
+    for file, content in files.items():
+        (path / file).write_text(content)
+
+
+@pytest.fixture
+def mounted(monkeypatch, tmp_path):
+    """A fake mountpoint: ismount says yes, no loop devices attached."""
+    root = tmp_path / "mnt"
+    root.mkdir()
+    monkeypatch.setattr(cli.os.path, "ismount", lambda path: True)
+    monkeypatch.setattr(cli, "loops_of", lambda data: [])
+    return root
+
+
+def rows(table: str) -> list[list[str]]:
+    return [line.split() for line in table.splitlines()]
+
+
+def test_status_table(mounted):
+    make_device(mounted, "swap0", "swap", 1 << 30, 256 * MIB,
+                mm=(8 * MIB, MIB, 2 * MIB, 256 * MIB, 2 * MIB), state="ok")
+    make_device(mounted, "node0", "node", 512 * MIB, 64 * MIB,
+                mm=(60 * MIB, 20 * MIB, 48 * MIB, 64 * MIB, 50 * MIB), state="pressure",
+                pressure=1000)
+    (mounted / "not_a_device").mkdir()  # no data file: skipped
+    table = cli.status(mounted)
+    assert table.endswith("\n")
+    header, *body = rows(table)
+    assert header == list(COLUMNS)
+    assert len(body) == 2
+    by_name = {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in body}
+    assert list(by_name) == ["node0", "swap0"]  # sorted
+    swap0, node0 = by_name["swap0"], by_name["node0"]
+    assert swap0["KIND"] == "swap"
+    assert swap0["DISKSIZE"] == "1.0G"
+    assert swap0["POOL"] == "256.0M"
+    assert (swap0["DATA"], swap0["COMPR"], swap0["USED"]) == ("8.0M", "1.0M", "2.0M")
+    assert swap0["RATIO"] == "4.00"
+    assert (swap0["STATE"], swap0["PRESSURE"], swap0["LOOP"]) == ("ok", "0", "-")
+    assert node0["RATIO"] == "1.25"
+    assert (node0["STATE"], node0["PRESSURE"]) == ("pressure", "1000")
+
+
+def test_status_columns_line_up(mounted):
+    make_device(mounted, "a", mm=(8 * MIB, MIB, 2 * MIB))
+    make_device(mounted, "long_device_name", mm=(4096, 100, 4096))
+    lines = cli.status(mounted).splitlines()
+    # RATIO is right-aligned: every line's RATIO column ends at the same position.
+    ends = {line.index(value) + len(value)
+            for line, value in zip(lines, ("RATIO", "4.00", "1.00"), strict=True)}
+    assert len(ends) == 1
+
+
+def test_status_empty_device_has_no_ratio(mounted):
+    make_device(mounted, "swap0")
+    (row,) = rows(cli.status(mounted))[1:]
+    assert row[COLUMNS.index("RATIO")] == "-"
+    assert row[COLUMNS.index("DATA")] == "0B"
+
+
+def test_status_shows_loop_devices(mounted, monkeypatch):
+    make_device(mounted, "swap0")
+    monkeypatch.setattr(cli, "loops_of", lambda data: ["/dev/loop3", "/dev/loop4"])
+    (row,) = rows(cli.status(mounted))[1:]
+    assert row[-1] == "/dev/loop3,/dev/loop4"
+
+
+def test_status_without_devices_is_just_the_header(mounted):
+    assert rows(cli.status(mounted)) == [list(COLUMNS)]
+
+
+def test_unmounted_mountpoint(tmp_path):
+    with pytest.raises(CliError, match="is not mounted"):
+        cli.status(tmp_path)
+    with pytest.raises(CliError, match="is not mounted"):
+        cli.device_dir(tmp_path, "swap0")
+
+
+def test_missing_device_names_the_ones_there(mounted):
+    make_device(mounted, "swap0")
+    make_device(mounted, "node0")
+    with pytest.raises(CliError) as info:
+        cli.device_dir(mounted, "swap9")
+    message = str(info.value)
+    assert "'swap9'" in message
+    assert "node0, swap0" in message
+
+
+def test_missing_device_when_there_are_none(mounted):
+    with pytest.raises(CliError, match=r"\(have: none\)"):
+        cli.device_dir(mounted, "swap0")
+
+
+def test_device_dir_found(mounted):
+    make_device(mounted, "swap0")
+    assert cli.device_dir(mounted, "swap0") == mounted / "swap0"
+
+
+def test_swapoff_not_attached(mounted):
+    make_device(mounted, "swap0")
+    with pytest.raises(CliError, match="not attached"):
+        cli.swapoff(mounted, "swap0")
+
+
+def test_swapon_already_attached(mounted, monkeypatch):
+    make_device(mounted, "swap0")
+    monkeypatch.setattr(cli, "loops_of", lambda data: ["/dev/loop7"])
+    with pytest.raises(CliError, match="already attached to /dev/loop7"):
+        cli.swapon(mounted, "swap0", None)
+
+
+def test_run_errors():
+    with pytest.raises(CliError, match="not found"):
+        cli._run("cramfs-no-such-program-xyz")
+    with pytest.raises(CliError, match="^false: 1$"):
+        cli._run("false")
+    assert cli._run("echo", "hi") == "hi\n"
+
+
+def test_default_mountpoint(monkeypatch, tmp_path):
+    monkeypatch.setattr(configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    assert str(cli.default_mountpoint()) == "/run/cramfs"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nonsense = [")
+    monkeypatch.setattr(configuration, "DEFAULT_PATH", bad)
+    assert str(cli.default_mountpoint()) == "/run/cramfs"
+
+
+# -- main: exit 1 with one "cramfs:" line ------------------------------------------------
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("cramfs:")]
+
+
+def test_main_status_unmounted(tmp_path, capsys):
+    assert cli.main(["--mountpoint", str(tmp_path), "status"]) == 1
+    (line,) = error_lines(capsys)
+    assert "is not mounted" in line
+
+
+@pytest.mark.parametrize("command", [["swapon", "nope"], ["swapoff", "nope"],
+                                     ["watch", "nope", "--count", "1"]])
+def test_main_missing_device(mounted, capsys, command):
+    make_device(mounted, "swap0")
+    assert cli.main(["--mountpoint", str(mounted), *command]) == 1
+    (line,) = error_lines(capsys)
+    assert "no device 'nope'" in line
+
+
+def test_main_status(mounted, capsys):
+    make_device(mounted, "swap0", mm=(8 * MIB, MIB, 2 * MIB))
+    assert cli.main(["--mountpoint", str(mounted), "status"]) == 0
+    out = capsys.readouterr().out
+    assert rows(out)[0] == list(COLUMNS)
+    assert rows(out)[1][0] == "swap0"
+
+
+def test_main_watch_once(mounted, capsys):
+    make_device(mounted, "swap0", state="pressure", pressure=420)
+    assert cli.main(["--mountpoint", str(mounted), "watch", "swap0", "--count", "1"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split()[1:] == ["swap0", "pressure", "pressure=420"]
+
+
+def test_main_needs_a_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+
+
+def test_loops_of_parses_losetup(monkeypatch):
+    out = ("/dev/loop0: []: (/run/cramfs/swap0/data)\n"
+           "/dev/loop5: [0045]:3 (/run/cramfs/swap0/data)\n")
+    monkeypatch.setattr(cli, "_run", lambda *command: out)
+    assert cli.loops_of(os.devnull) == ["/dev/loop0", "/dev/loop5"]
