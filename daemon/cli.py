@@ -109,6 +109,79 @@ def swapoff(mountpoint: Path, name: str) -> list[str]:
     return loops
 
 
+UNITS = ("cramfs.service", "cramfs-swap@.service")
+DEFAULT_BINDIR = Path("/usr/local/bin")
+
+
+def _unit_sources() -> Path:
+    """systemd/ of this checkout (the units ship with the source tree, not in the wheel)."""
+    here = Path(__file__).resolve().parent.parent / "systemd"
+    if not (here / "cramfs.service").exists():
+        raise CliError(f"unit files not found in {here}: run from a cramfs checkout")
+    return here
+
+
+def install_units(root: Path, bindir: Path, link_binaries: bool) -> list[Path]:
+    """Place the units, the example config and the binaries; returns what was written.
+
+    ``bindir`` is where the units expect cramfsd and cramfs; with ``link_binaries`` they are
+    symlinked there from this installation. An existing /etc/cramfs/cramfs.toml is kept.
+    """
+    source = _unit_sources()
+    written: list[Path] = []
+    unitdir = root / "etc/systemd/system"
+    unitdir.mkdir(parents=True, exist_ok=True)
+    for unit in UNITS:
+        text = (source / unit).read_text().replace(str(DEFAULT_BINDIR) + "/", f"{bindir}/")
+        (unitdir / unit).write_text(text)
+        written.append(unitdir / unit)
+    config = root / "etc/cramfs/cramfs.toml"
+    if not config.exists():
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text((source / "cramfs.toml").read_text())
+        written.append(config)
+    if link_binaries:
+        target_dir = root / str(bindir).lstrip("/")
+        target_dir.mkdir(parents=True, exist_ok=True)
+        here = Path(sys.argv[0]).resolve().parent
+        for name in ("cramfsd", "cramfs"):
+            source_bin = here / name
+            if not source_bin.exists():
+                raise CliError(f"{source_bin} not found: run the installed `cramfs`")
+            link = target_dir / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(source_bin)
+            written.append(link)
+    if root == Path("/") and Path("/run/systemd/system").is_dir():
+        _run("systemctl", "daemon-reload")
+    return written
+
+
+def uninstall_units(root: Path, bindir: Path) -> list[Path]:
+    """Remove what install_units placed (the config only if unchanged from the example)."""
+    removed: list[Path] = []
+    candidates = [root / "etc/systemd/system" / unit for unit in UNITS]
+    candidates += [root / str(bindir).lstrip("/") / name for name in ("cramfsd", "cramfs")]
+    for path in candidates:
+        if path.is_symlink() or path.exists():
+            if path.parent.name == bindir.name and not path.is_symlink():
+                continue  # a real binary we did not place
+            path.unlink()
+            removed.append(path)
+    config = root / "etc/cramfs/cramfs.toml"
+    try:
+        example = (_unit_sources() / "cramfs.toml").read_text()
+    except CliError:
+        example = None
+    if config.exists() and config.read_text() == example:
+        config.unlink()
+        removed.append(config)
+    if root == Path("/") and Path("/run/systemd/system").is_dir():
+        _run("systemctl", "daemon-reload")
+    return removed
+
+
 def watch(mountpoint: Path, name: str, count: int | None) -> None:
     """Print each watermark state change as the device raises it (poll(2) on the file)."""
     path = device_dir(mountpoint, name) / "watermark_state"
@@ -142,7 +215,29 @@ def main(argv: list[str] | None = None) -> int:
     watcher = commands.add_parser("watch", help="print watermark state changes as they happen")
     watcher.add_argument("name")
     watcher.add_argument("--count", type=int, help="stop after this many lines")
+    for command in ("install-units", "uninstall-units"):
+        units = commands.add_parser(command, help=f"{command.split('-')[0]} the systemd units, "
+                                    "the example config and binary links")
+        units.add_argument("--root", type=Path, default=Path("/"),
+                           help="install under this directory (packaging, tests)")
+        units.add_argument("--bindir", type=Path, default=DEFAULT_BINDIR,
+                           help="where the units expect cramfsd and cramfs")
+        if command == "install-units":
+            units.add_argument("--no-link", action="store_true",
+                               help="do not symlink the binaries into --bindir")
     args = parser.parse_args(argv)
+    try:
+        if args.command == "install-units":
+            for path in install_units(args.root, args.bindir, not args.no_link):
+                print(path)
+            return 0
+        if args.command == "uninstall-units":
+            for path in uninstall_units(args.root, args.bindir):
+                print(f"removed {path}")
+            return 0
+    except (CliError, OSError) as exc:
+        print(f"cramfs: {exc}", file=sys.stderr)
+        return 1
     mountpoint = args.mountpoint or default_mountpoint()
     try:
         if args.command == "status":

@@ -12,12 +12,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from cramfs.device import CompressedDevice
+from cramfs.timing import Timing
 from cramfs.zswap import ZswapDevice
 from daemon import config as configuration
 from daemon import system
@@ -77,9 +79,47 @@ def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
                          f"{exc.strerror}") from None
 
 
+RUNTIME_KEYS = ("low", "high", "policy", "failure_mode", "throttle_max_delay", "timing")
+RESTART_KEYS = ("size", "pool", "level", "huge_threshold", "zero_flush_interval")
+
+
+def reload_plan(old: configuration.Config, new: configuration.Config
+                ) -> tuple[list[tuple[str, str, object]], list[str]]:
+    """What a SIGHUP may change now, and what it may not (needs a restart)."""
+    changes: list[tuple[str, str, object]] = []
+    restart: list[str] = []
+    if new.mountpoint != old.mountpoint:
+        restart.append("mountpoint")
+    if new.metrics_address != old.metrics_address:
+        restart.append("metrics_address")
+    before = {spec.name: spec for spec in old.devices}
+    after = {spec.name: spec for spec in new.devices}
+    restart += [f"device.{name} (added)" for name in after.keys() - before.keys()]
+    restart += [f"device.{name} (removed)" for name in before.keys() - after.keys()]
+    for name in before.keys() & after.keys():
+        a, b = before[name], after[name]
+        if a.kind != b.kind:
+            restart.append(f"device.{name}.kind")
+            continue
+        for key in RESTART_KEYS:
+            if getattr(a.device, key) != getattr(b.device, key):
+                restart.append(f"device.{name}.{key}")
+        if a.zswap.get("backing_file") != b.zswap.get("backing_file"):
+            restart.append(f"device.{name}.backing_file")
+        for key in RUNTIME_KEYS:
+            if getattr(a.device, key) != getattr(b.device, key):
+                changes.append((name, key, getattr(b.device, key)))
+        for key in ("max_pool_percent", "accept_threshold_percent"):
+            if a.zswap.get(key) != b.zswap.get(key):
+                changes.append((name, key, b.zswap[key]))
+    return changes, restart
+
+
 class Daemon:
-    def __init__(self, config: configuration.Config) -> None:
+    def __init__(self, config: configuration.Config,
+                 args: argparse.Namespace | None = None) -> None:
         self.config = config
+        self.args = args  # re-applied on reload: command-line overrides win over the file
         self.entries = [DeviceEntry(spec.name, spec.kind, make_device(spec))
                         for spec in config.devices]
         self.metrics = None
@@ -175,9 +215,57 @@ class Daemon:
                 await trio.sleep(SHRINKER_IDLE)
 
     async def _signals(self, nursery: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                self.request_stop(signum)
+                if signum == signal.SIGHUP:
+                    system.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+                    self.reload()
+                    system.sd_notify("READY=1")
+                else:
+                    self.request_stop(signum)
+
+    def reload(self) -> bool:
+        """Re-read the config; apply what can change at runtime, log what needs a restart.
+        A bad file changes nothing."""
+        try:
+            new = build(self.args or parse_args([]))
+        except UsageError as exc:
+            log.error("reload: %s; nothing changed", exc)
+            return False
+        changes, restart = reload_plan(self.config, new)
+        for key in restart:
+            log.warning("reload: %s changed and needs a restart; keeping the running value", key)
+        devices = {entry.name: entry.device for entry in self.entries}
+        specs = {spec.name: spec for spec in new.devices}
+        for name, key, value in changes:
+            device = devices[name]
+            if key in ("low", "high"):
+                spec = specs[name].device
+                device.set_watermarks(low=spec.low, high=spec.high)
+            elif key == "policy":
+                if not isinstance(device, ZswapDevice):
+                    device.policy = value
+            elif key == "failure_mode":
+                device.failure_mode = value
+            elif key == "throttle_max_delay":
+                device.throttle_max_delay = value
+            elif key == "timing":
+                device.timing = Timing(value)
+            elif isinstance(device, ZswapDevice):
+                device.set_limits(**{key: value})
+            log.info("reload: %s.%s = %s", name, key, getattr(value, "value", value))
+        # Remember the applied values; keep the running ones for what needs a restart.
+        for spec in self.config.devices:
+            fresh = specs.get(spec.name)
+            if fresh is None or fresh.kind != spec.kind:
+                continue
+            for key in RUNTIME_KEYS:
+                setattr(spec.device, key, getattr(fresh.device, key))
+            for key in ("max_pool_percent", "accept_threshold_percent"):
+                if key in fresh.zswap:
+                    spec.zswap[key] = fresh.zswap[key]
+        log.info("reload: %d change(s) applied, %d need a restart", len(changes), len(restart))
+        return True
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -191,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         config = build(args)
-        daemon = Daemon(config)
+        daemon = Daemon(config, args)
     except UsageError as exc:
         print(f"cramfsd: {exc}", file=sys.stderr)
         return 2
