@@ -578,7 +578,7 @@ def test_dashboard_is_valid_and_queries_only_exposed_metrics(dev):
 
 
 def test_reference_table_lists_exactly_the_exposed_families(dev):
-    text = (ROOT / "docs" / "metrics.md").read_text()
+    text = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `(cramfs_[a-z_]+)`", text, re.M))
     families, _ = exposed_names(dev)
     # the gauge histogram's _gcount/_gsum are documented with it, not as rows of their own
