@@ -178,8 +178,35 @@ class CompressedDevice:
             pages.append((0, bytes(data[pos:])))
         return WritePlan(offset, length, first, pages)
 
+    def precheck_write(self, offset: int, data: bytes | memoryview) -> None:
+        """Refuse, before any compression, a write that write control is certain to refuse.
+
+        Under the reject policy in pressure, a whole page that is not same-filled, landing on a
+        page that holds nothing in the pool, needs new space: the request will be refused.
+        A kernel retrying swap writes against a full device would otherwise pay zstd for
+        every refusal. Anything less certain goes the full way.
+        """
+        wm = self.watermarks
+        if self.policy is not Policy.REJECT or wm.state is State.OK or not data:
+            return
+        first = offset >> PAGE_SHIFT
+        last = (offset + len(data) - 1) >> PAGE_SHIFT
+        meta, shift = self.table.meta, pt.STATE_SHIFT
+        for index in range(first, last + 1):
+            state = meta[index] >> shift
+            if state == pt.COMPRESSED or state == pt.HUGE:
+                return  # it might shrink into its slot
+        start = -offset & (PAGE_SIZE - 1)
+        words = PAGE_SIZE // 8
+        for pos in range(start, len(data) - PAGE_SIZE + 1, PAGE_SIZE):
+            page = bytes(data[pos:pos + PAGE_SIZE])
+            if page != page[:8] * words:
+                reason = REJECT_FULL if wm.state is State.FULL else REJECT_WATERMARK
+                self._reject(reason, f"write control: device in {wm.state.value}")
+
     def write(self, offset: int, data: bytes | memoryview) -> WriteResult:
         self.check_range(offset, len(data))
+        self.precheck_write(offset, data)
         return self.commit_write(self.prepare_write(offset, data))
 
     def commit_write(self, plan: WritePlan) -> WriteResult:

@@ -295,6 +295,7 @@ class CramOperations(pyfuse3.Operations):
         try:
             device.check_range(off, len(buf))
             device.inject_fault("write")
+            device.precheck_write(off, buf)
             if len(buf) >= THREAD_MIN_BYTES:
                 plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
                                                      limiter=self.limiter)
