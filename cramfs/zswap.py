@@ -46,6 +46,7 @@ class ZswapDevice(CompressedDevice):
             self.backing = BackingStore(backing_file, config.size)
         except OSError:
             self.pool.close()
+            self.codec.close()
             raise
         self.max_pool_percent = max_pool_percent
         self.accept_threshold_percent = accept_threshold_percent
@@ -74,17 +75,18 @@ class ZswapDevice(CompressedDevice):
         if item.kind == enc.HUGE:
             self.counters.reject_compress_poor += 1
             return False
+        # As the kernel's zswap_check_limits(): every store that finds the pool at its limit
+        # counts a hit and sets "reached full"; that clears once usage is below the accept threshold.
+        # The limit test includes the block this store may have to open (up to 8 frames), so a
+        # store never takes the pool past the limit.
         used = self.pool.used_bytes
-        if self.limit_reached:
-            if used >= self.accept_bytes:
-                return False
-            self.limit_reached = False
-        # Room for one more block of the largest class keeps a store from overshooting.
-        if used + PAGE_SIZE > self.pool_limit:
-            self.limit_reached = True
+        cls = self.pool.class_of(len(item.payload))
+        if used + (0 if cls.partial else cls.frames_per_block * PAGE_SIZE) > self.pool_limit:
             self.counters.pool_limit_hit += 1
-            return False
-        return True
+            self.limit_reached = True
+        elif self.limit_reached and used < self.accept_bytes:
+            self.limit_reached = False
+        return not self.limit_reached
 
     # -- the shrinker ----------------------------------------------------------------------
     def needs_writeback(self) -> bool:
