@@ -11,7 +11,7 @@ extras=daemon
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv util-linux kmod procps)
 if [[ "${1:-}" == "--test" ]]; then
     extras=dev
-    packages+=(fio stress-ng prometheus)
+    packages+=(fio stress-ng prometheus systemd)
 fi
 
 export DEBIAN_FRONTEND=noninteractive

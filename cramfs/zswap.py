@@ -76,9 +76,9 @@ class ZswapDevice(CompressedDevice):
             self.counters.reject_compress_poor += 1
             return False
         # As the kernel's zswap_check_limits(): every store that finds the pool at its limit
-        # counts a hit and sets "reached full"; that clears once usage is below the accept threshold.
-        # The limit test includes the block this store may have to open (up to 8 frames), so a
-        # store never takes the pool past the limit.
+        # counts a hit and sets "reached full", which clears once usage is below the accept
+        # threshold. The limit test includes the block this store may have to open (up to 8
+        # frames), so a store never takes the pool past the limit.
         used = self.pool.used_bytes
         cls = self.pool.class_of(len(item.payload))
         if used + (0 if cls.partial else cls.frames_per_block * PAGE_SIZE) > self.pool_limit:

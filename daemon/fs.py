@@ -33,6 +33,7 @@ ROOT = pyfuse3.ROOT_INODE
 # where the hand-off would cost more than the work.
 THREAD_MIN_BYTES = 64 * 1024
 ATTR_SIZE = 4096
+WARN_INTERVAL = 10.0  # seconds between summaries of a repeated warning
 POLL_CHANGED = select.POLLIN | select.POLLRDNORM | select.POLLPRI
 
 
@@ -92,6 +93,7 @@ class CramOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.open_data: dict[str, int] = {}  # device name -> open data handles
         self.on_idle: Callable[[], None] = lambda: None  # last data handle closed
+        self._warnings: dict[tuple[str, str], tuple[int, float]] = {}  # -> (unlogged, since)
         for entry in entries:
             self._add_device(entry)
 
@@ -305,7 +307,7 @@ class CramOperations(pyfuse3.Operations):
         except OutOfRange:
             raise pyfuse3.FUSEError(errno.EFBIG) from None
         except WriteRejected as exc:
-            log.debug("%s: write of %d bytes at %d rejected: %s", name, len(buf), off, exc)
+            self._warn_limited(name, "writes refused with ENOSPC", str(exc))
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except PoisonedPage as exc:
             log.warning("%s: partial write into poisoned page %d", name, exc.page)
@@ -313,14 +315,31 @@ class CramOperations(pyfuse3.Operations):
         except InjectedFault:
             raise pyfuse3.FUSEError(errno.EIO) from None
         if result.lost_pages:
-            log.warning("%s: %d page(s) past the real capacity were %s", name,
-                        result.lost_pages,
-                        "dropped" if device.failure_mode.value == "drop" else "poisoned")
+            fate = "dropped" if device.failure_mode.value == "drop" else "poisoned"
+            self._warn_limited(name, f"writes with pages {fate} past the real capacity",
+                               f"{result.lost_pages} page(s) at offset {off}")
         delay = result.delay + device.io_delay("write", len(buf))
         if delay > 0:
             await trio.sleep(delay)
         self.observe(name, "write", time.perf_counter() - started)
         return len(buf)
+
+    def _warn_limited(self, name: str, what: str, detail: str) -> None:
+        """Warn without flooding: a kernel retrying swap writes against a full device can
+        cause thousands of these a second. The first after a quiet spell is logged, then one
+        summary line per WARN_INTERVAL; exact counts are in io_stat, lost_pages and metrics."""
+        key = (name, what)
+        now = time.monotonic()
+        count, since = self._warnings.get(key, (0, -WARN_INTERVAL))
+        if now - since < WARN_INTERVAL:
+            self._warnings[key] = (count + 1, since)
+            return
+        if count:
+            log.warning("%s: %d more %s in the last %.0f s (latest: %s)", name, count, what,
+                        now - since, detail)
+        else:
+            log.warning("%s: %s: %s", name, what, detail)
+        self._warnings[key] = (0, now)
 
     def _read_attribute(self, handle: Handle, off: int, size: int) -> bytes:
         node = handle.node
