@@ -467,7 +467,9 @@ def test_scrape_of_a_big_device_does_not_walk_pages():
         finally:
             big.table, big.pool._blocks, big.recount, big.pool.live_objects = saved
         small_calls = count_calls(lambda: list(small_m.registry.collect()))
-        assert big_calls == small_calls
+        # A page walk would add ~100k calls; a few stray ones (a GC callback, a thread's
+        # bookkeeping) are noise, not scaling.
+        assert abs(big_calls - small_calls) <= 50, (big_calls, small_calls)
         assert big_calls < 2000
         families = {f.name: f for f in text_string_to_metric_families(text.decode())}
         assert value(families, "cramfs_stored_pages") == 100_000
