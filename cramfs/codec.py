@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zstandard
 
 from cramfs import PAGE_SIZE
+from cramfs.pagetable import COMPRESSED, HUGE, SAME  # encodings share the table states
 
 # zram stores a page raw ("huge") once its compressed form would land in zsmalloc's
 # largest size classes; with 4 KiB pages that cut-off (huge_class_size) is about 3.2 KiB.
@@ -22,9 +23,7 @@ DEFAULT_HUGE_THRESHOLD = 3264
 # Batches at least this many pages long are compressed by zstd's own worker threads.
 PARALLEL_BATCH_PAGES = 16
 
-SAME = 1
-COMPRESSED = 2
-HUGE = 3
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 _WORDS = struct.Struct("<Q")
 
@@ -126,18 +125,46 @@ class Codec:
         if not isinstance(data, bytes):
             data = bytes(data)
         if count >= PARALLEL_BATCH_PAGES and self.threads > 1:
-            if self._workers is None:
-                self._workers = ThreadPoolExecutor(self.threads - 1,
-                                                   thread_name_prefix="cramfs-zstd")
-            step = -(-count // self.threads)
-            futures = [self._workers.submit(self._encode_range, data, start,
-                                            min(count, start + step))
-                       for start in range(step, count, step)]
-            out = self._encode_range(data, 0, step)
-            for future in futures:
-                out.extend(future.result())
-            return out
+            return self._spread(self._encode_range, data, count)
         return self._encode_range(data, 0, count)
+
+    def _spread(self, work, items, count: int) -> list:
+        """Run ``work(items, start, end)`` over ``count`` items: the first share on the calling
+        thread, the others on the persistent workers; results in order."""
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="cramfs-zstd")
+        step = -(-count // self.threads)
+        futures = [self._workers.submit(work, items, start, min(count, start + step))
+                   for start in range(step, count, step)]
+        out = work(items, 0, step)
+        for future in futures:
+            out.extend(future.result())
+        return out
+
+    def decode_pages(self, pages: list) -> list[bytes]:
+        """Pages of a read plan, (state, value) each, back to bytes; large reads use both
+        cores the way encode_pages does. Pure; safe on any thread."""
+        if len(pages) >= PARALLEL_BATCH_PAGES and self.threads > 1:
+            return self._spread(self._decode_range, pages, len(pages))
+        return self._decode_range(pages, 0, len(pages))
+
+    def _decode_range(self, pages: list, first: int, end: int) -> list[bytes]:
+        decompress = self._decompressor().decompress
+        out = []
+        for index in range(first, end):
+            state, value = pages[index]
+            if state == COMPRESSED:
+                page = decompress(value, max_output_size=PAGE_SIZE)
+                if len(page) != PAGE_SIZE:
+                    raise zstandard.ZstdError(f"decompressed to {len(page)} bytes, not a page")
+                out.append(page)
+            elif state == HUGE:
+                out.append(value)
+            elif state == SAME:
+                out.append(fill_page(value))
+            else:
+                out.append(ZERO_PAGE)
+        return out
 
     def _encode_range(self, data: bytes, first: int, end: int) -> list[Encoded]:
         compress = self._compressor().compress

@@ -17,13 +17,12 @@ from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs import codec as enc
 from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
-from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, fill_page
+from cramfs.codec import DEFAULT_HUGE_THRESHOLD, ZERO_PAGE, Codec, Encoded, fill_page
 from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
 from cramfs.zspool import PoolExhausted, ZsPool
 
-ZERO_PAGE = bytes(PAGE_SIZE)
 REJECT_WATERMARK = "watermark"
 REJECT_FULL = "full"
 REJECT_REASONS = (REJECT_WATERMARK, REJECT_FULL)
@@ -503,17 +502,7 @@ class CompressedDevice:
 
     def decode(self, plan: ReadPlan) -> bytes:
         """Decompress a fetched read. Pure; safe on any thread."""
-        decompress = self.codec.decompress
-        parts = []
-        for state, value in plan.pages:
-            if state == pt.COMPRESSED:
-                parts.append(decompress(value))
-            elif state == pt.HUGE:
-                parts.append(value)
-            elif state == pt.SAME:
-                parts.append(fill_page(value))
-            else:
-                parts.append(ZERO_PAGE)
+        parts = self.codec.decode_pages(plan.pages)
         start = plan.offset & (PAGE_SIZE - 1)
         data = b"".join(parts)
         if start == 0 and len(data) == plan.length:
