@@ -160,8 +160,10 @@ class Daemon:
                         "released", signal.Signals(signum).name, name, name)
 
     async def run(self) -> None:
-        mountpoint = self.config.mountpoint
+        mountpoint = self.config.mountpoint.absolute()
+        self.config.mountpoint = mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
+        os.chdir("/")  # hold no directory busy (and let "cramfs" name the mount, not ./cramfs)
         options = set(pyfuse3.default_options)
         options.update({"fsname=cramfs", "subtype=cramfs", "allow_other"})
         options.discard("default_permissions")
