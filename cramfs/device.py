@@ -186,6 +186,7 @@ class CompressedDevice:
         every refusal. Anything less certain goes the full way.
         """
         wm = self.watermarks
+        self._recheck_full()
         if self.policy is not Policy.REJECT or wm.state is State.OK or not data:
             return
         first = offset >> PAGE_SHIFT
@@ -219,6 +220,7 @@ class CompressedDevice:
         first = plan.first
         result = WriteResult()
         wm = self.watermarks
+        self._recheck_full()
         if wm.state is not State.OK and self.policy is not Policy.NONE and self._grows(
                 first, encoded):
             if self.policy is Policy.REJECT:
@@ -254,6 +256,13 @@ class CompressedDevice:
         counters.written_bytes += plan.length
         wm.update(self.pool.used_bytes, alloc_failed=bool(failed))
         return result
+
+    def _recheck_full(self) -> None:
+        """``full`` says one allocation failed; it must not outlive the usage that caused it.
+        (One oversized write into a half-empty pool would otherwise block every later write
+        until something was freed.) Re-evaluating lets it fall back to pressure or ok."""
+        if self.watermarks.state is State.FULL:
+            self.watermarks.update(self.pool.used_bytes)
 
     def _reject(self, reason: str, message: str) -> None:
         self.counters.rejected[reason] += 1

@@ -48,3 +48,15 @@ def test_lets_overwrites_of_pool_pages_through():
 def test_silent_when_state_is_ok():
     dev = CompressedDevice(DeviceConfig(size=256 * P, pool=32 * P))
     dev.precheck_write(0, os.urandom(8 * P))
+
+
+def test_full_does_not_outlive_its_cause():
+    """One oversized write into an empty pool fails as full; a small one right after fits."""
+    dev = CompressedDevice(DeviceConfig(size=256 * P, pool=32 * P, low=0.5, high=0.9))
+    with pytest.raises(WriteRejected) as refused:
+        dev.write(0, os.urandom(64 * P))
+    assert refused.value.reason == "full" and dev.watermarks.state is State.FULL
+    assert dev.used_bytes == 0
+    dev.write(100 * P, os.urandom(P))
+    assert dev.watermarks.state is State.OK
+    assert dev.read(100 * P, P) != bytes(P)
