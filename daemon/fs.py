@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from cramfs import PAGE_SIZE
-from cramfs.errors import InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
 from daemon.attributes import Attribute, attributes_for
 from daemon.devices import DeviceEntry
 
@@ -313,6 +313,9 @@ class CramOperations(pyfuse3.Operations):
             log.warning("%s: partial write into poisoned page %d", name, exc.page)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except InjectedFault:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except BackingError as exc:
+            self._warn_limited(name, "writes failed in the backing file", str(exc))
             raise pyfuse3.FUSEError(errno.EIO) from None
         if result.lost_pages:
             fate = "dropped" if device.failure_mode.value == "drop" else "poisoned"

@@ -560,3 +560,27 @@ async def test_injected_faults_are_eio():
     assert faulty.device.mm_stat()[0] == 0
     assert faulty.device.io_stat()[:2] == (1, 1)
     faulty.device.close()
+
+
+async def test_backing_file_failure_is_eio_and_changes_nothing(tmp_path, monkeypatch):
+    from cramfs.zswap import ZswapDevice
+
+    device = ZswapDevice(DeviceConfig(size=64 * P, pool=16 * P),
+                         backing_file=tmp_path / "backing.img")
+    ops = CramOperations([DeviceEntry("zs0", "zswap", device)])
+    try:
+        directory = ops.nodes[pyfuse3.ROOT_INODE].children[b"zs0"]
+        info = await ops.open(ops.nodes[directory].children[b"data"], os.O_RDWR, None)
+
+        def disk_full(index: int, page: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(device.backing, "write", disk_full)
+        before = device.mm_stat()
+        # an incompressible page goes to the backing file, which is full
+        assert await errno_of(ops.write(info.fh, 0, os.urandom(P))) == errno.EIO
+        assert device.mm_stat() == before and device.backing_pages == 0
+        assert device.io_stat()[1] == 1  # failed_writes
+        await ops.release(info.fh)
+    finally:
+        device.close()
