@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
-from cramfs.zspool import _punch_hole
+from cramfs.sparse import allocated_bytes, punch_hole
 
 
 class BackingStore:
@@ -44,10 +44,10 @@ class BackingStore:
         # A file system without hole punching keeps the stale block; it is never read
         # again because the page table no longer points there.
         with contextlib.suppress(OSError):
-            _punch_hole(self._fd, index << PAGE_SHIFT, PAGE_SIZE)
+            punch_hole(self._fd, index << PAGE_SHIFT, PAGE_SIZE)
 
     def allocated_bytes(self) -> int:
-        return os.fstat(self._fd).st_blocks * 512
+        return allocated_bytes(self._fd)
 
     def close(self) -> None:
         os.close(self._fd)

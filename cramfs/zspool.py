@@ -13,13 +13,13 @@ emptiest blocks of a class into the fullest and frees whole blocks (zram's pages
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 from array import array
 from collections.abc import Callable
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
+from cramfs.sparse import allocated_bytes, punch_hole
 
 FRAME = PAGE_SIZE
 CLASS_STEP = 16
@@ -28,17 +28,6 @@ MAX_FRAMES_PER_BLOCK = 8
 SLOT_BITS = 16
 SLOT_MASK = (1 << SLOT_BITS) - 1
 FREE_SLOT = 0xFFFFFFFF
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _frames_for(size: int) -> int:
@@ -154,7 +143,7 @@ class ZsPool:
     def _give_frames(self, frames: list[int]) -> None:
         for frame in frames:
             try:
-                _punch_hole(self._fd, frame << PAGE_SHIFT, FRAME)
+                punch_hole(self._fd, frame << PAGE_SHIFT, FRAME)
             except OSError:
                 self.release_errors += 1  # the frame stays resident; the books are still right
         self._free_frames.extend(frames)
@@ -344,7 +333,7 @@ class ZsPool:
 
     def resident_bytes(self) -> int:
         """Bytes of the arena the kernel really holds (fstat of the memfd)."""
-        return os.fstat(self._fd).st_blocks * 512
+        return allocated_bytes(self._fd)
 
     def close(self) -> None:
         self._view.release()
