@@ -82,6 +82,13 @@ def page_parameters(level: int) -> zstandard.ZstdCompressionParameters:
     )
 
 
+def _inflate(decompressor: zstandard.ZstdDecompressor, payload: bytes) -> bytes:
+    page = decompressor.decompress(payload, max_output_size=PAGE_SIZE)
+    if len(page) != PAGE_SIZE:
+        raise zstandard.ZstdError(f"decompressed to {len(page)} bytes, not a page")
+    return page
+
+
 class Codec:
     """zstd on single pages (see page_parameters).
 
@@ -149,15 +156,12 @@ class Codec:
         return self._decode_range(pages, 0, len(pages))
 
     def _decode_range(self, pages: list, first: int, end: int) -> list[bytes]:
-        decompress = self._decompressor().decompress
+        decompressor = self._decompressor()  # once per range: the lookup is per thread
         out = []
         for index in range(first, end):
             state, value = pages[index]
             if state == COMPRESSED:
-                page = decompress(value, max_output_size=PAGE_SIZE)
-                if len(page) != PAGE_SIZE:
-                    raise zstandard.ZstdError(f"decompressed to {len(page)} bytes, not a page")
-                out.append(page)
+                out.append(_inflate(decompressor, value))
             elif state == HUGE:
                 out.append(value)
             elif state == SAME:
@@ -169,14 +173,12 @@ class Codec:
     def _encode_range(self, data: bytes, first: int, end: int) -> list[Encoded]:
         compress = self._compressor().compress
         threshold = self.huge_threshold
-        words = PAGE_SIZE // 8
-        unpack = _WORDS.unpack
         out = []
         for index in range(first, end):
             page = data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
-            head = page[:8]
-            if page == head * words:
-                out.append(Encoded(SAME, b"", unpack(head)[0]))
+            word = same_fill(page)
+            if word is not None:
+                out.append(Encoded(SAME, b"", word))
                 continue
             compressed = compress(page)
             if len(compressed) < threshold:
@@ -187,10 +189,7 @@ class Codec:
 
     def decompress(self, payload: bytes) -> bytes:
         """Inverse of a COMPRESSED payload; raises zstandard.ZstdError on corruption."""
-        page = self._decompressor().decompress(payload, max_output_size=PAGE_SIZE)
-        if len(page) != PAGE_SIZE:
-            raise zstandard.ZstdError(f"decompressed to {len(page)} bytes, not a page")
-        return page
+        return _inflate(self._decompressor(), payload)
 
     def close(self) -> None:
         if self._workers is not None:

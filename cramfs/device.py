@@ -17,7 +17,7 @@ from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs import codec as enc
 from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
-from cramfs.codec import DEFAULT_HUGE_THRESHOLD, ZERO_PAGE, Codec, Encoded, fill_page
+from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
 from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
@@ -197,10 +197,8 @@ class CompressedDevice:
             if state == pt.COMPRESSED or state == pt.HUGE:
                 return  # it might shrink into its slot
         start = -offset & (PAGE_SIZE - 1)
-        words = PAGE_SIZE // 8
         for pos in range(start, len(data) - PAGE_SIZE + 1, PAGE_SIZE):
-            page = bytes(data[pos:pos + PAGE_SIZE])
-            if page != page[:8] * words:
+            if same_fill(bytes(data[pos:pos + PAGE_SIZE])) is None:
                 reason = REJECT_FULL if wm.state is State.FULL else REJECT_WATERMARK
                 self._reject(reason, f"write control: device in {wm.state.value}")
 
@@ -485,7 +483,7 @@ class CompressedDevice:
     def fetch(self, offset: int, length: int) -> ReadPlan:
         """Copy what a read needs out of the pool (caller's thread, between commits)."""
         self.check_range(offset, length)
-        table, pool, referenced = self.table, self.pool, self.referenced
+        referenced = self.referenced
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1
         pages = []
@@ -493,16 +491,7 @@ class CompressedDevice:
             if index in self.poisoned:
                 self.counters.failed_reads += 1
                 raise PoisonedPage(index)
-            state = table.state(index)
-            if state in (pt.COMPRESSED, pt.HUGE):
-                pages.append((state, pool.read(table.loc[index], table.length(index))))
-            elif state == pt.SAME:
-                pages.append((state, table.loc[index]))
-            elif state == pt.BACKING:
-                assert self.backing is not None
-                pages.append((pt.HUGE, self.backing.read(index)))
-            else:
-                pages.append((pt.EMPTY, None))
+            pages.append(self._page_item(index))
             if referenced is not None:
                 referenced[index] = 1
         self.counters.read_requests += 1
@@ -521,17 +510,22 @@ class CompressedDevice:
     def read(self, offset: int, length: int) -> bytes:
         return self.decode(self.fetch(offset, length))
 
-    def _page_bytes(self, index: int) -> bytes:
-        state = self.table.state(index)
-        if state == pt.EMPTY:
-            return ZERO_PAGE
+    def _page_item(self, index: int) -> tuple[int, object]:
+        """What decoding page ``index`` needs, copied out of the pool or the backing file:
+        (state, payload bytes | fill word | None), as codec.decode_pages takes it."""
+        table = self.table
+        state = table.state(index)
+        if state == pt.COMPRESSED or state == pt.HUGE:
+            return state, self.pool.read(table.loc[index], table.length(index))
         if state == pt.SAME:
-            return fill_page(self.table.loc[index])
+            return state, table.loc[index]
         if state == pt.BACKING:
             assert self.backing is not None
-            return self.backing.read(index)
-        payload = self.pool.read(self.table.loc[index], self.table.length(index))
-        return payload if state == pt.HUGE else self.codec.decompress(payload)
+            return pt.HUGE, self.backing.read(index)  # stored raw, like a huge page
+        return pt.EMPTY, None
+
+    def _page_bytes(self, index: int) -> bytes:
+        return self.codec.decode_pages([self._page_item(index)])[0]
 
     # -- control ------------------------------------------------------------------------
     def set_watermarks(self, low: float | None = None, high: float | None = None) -> None:
