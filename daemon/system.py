@@ -67,16 +67,24 @@ def tune_fuse_connection(device: int, max_background: int) -> None:
     """Raise the connection's max_background so more requests are in flight at once.
 
     ``device`` is the st_dev of the mount, taken by the caller from a stat made off the
-    event loop (a stat of our own mount from the loop's thread would wait on itself).
+    event loop (a stat of our own mount from the loop's thread would wait on itself). Where
+    fusectl is not mounted (hosts without systemd), it is mounted for the write and unmounted
+    again, so the host is left as it was found.
     """
+    mounted_here = False
     try:
         if not any(FUSECTL.iterdir()) and os.geteuid() == 0:
-            subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False,
-                           capture_output=True, timeout=10)
+            mounted_here = subprocess.run(
+                ["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False,
+                capture_output=True, timeout=10).returncode == 0
         minor = os.minor(device)
         base = FUSECTL / str(minor)
         (base / "max_background").write_text(str(max_background))
         (base / "congestion_threshold").write_text(str(max_background * 3 // 4))
         log.info("FUSE connection %d: max_background=%d", minor, max_background)
-    except OSError as exc:
+    except (OSError, subprocess.SubprocessError) as exc:
         log.info("could not tune the FUSE connection: %s", exc)
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(FUSECTL)], check=False, capture_output=True,
+                           timeout=10)
