@@ -189,22 +189,8 @@ def setup_cramfs(tmp: Path, size_mib: int, td: Teardown, cramfsd: str) -> Target
     mnt = base / "mnt"
     mnt.mkdir(parents=True)
     config = base / "cramfs.toml"
-    config.write_text(f"""\
-mountpoint = "{mnt}"
-metrics_address = ""
-
-[device.swap0]
-kind = "swap"
-size = "{size_mib}M"
-pool = "{size_mib}M"
-compressor = "zstd"
-level = 1
-
-[device.swap0.watermarks]
-low = 0.80
-high = 0.90
-policy = "reject"
-""")
+    config.write_text(f'mountpoint = "{mnt}"\nmetrics_address = ""\n'
+                      + h.swap_config(f"{size_mib}M", f"{size_mib}M"))
     errlog = base / "cramfsd.log"
     with open(errlog, "wb") as err:
         proc = subprocess.Popen([cramfsd, "--config", str(config), "--mountpoint", str(mnt),

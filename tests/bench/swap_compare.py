@@ -31,6 +31,7 @@ from e2e.helpers import (  # noqa: E402
     Sampler,
     mm_stat,
     run,
+    swap_config,
     swap_off,
     swap_on,
     swaps,
@@ -86,19 +87,7 @@ def bench_cramfs(args) -> dict:
                                                               "cramfsd")
     tmp = Path(tempfile.mkdtemp(prefix="cramfs-bench-"))
     harness = Harness(tmp, cramfsd)
-    config = f"""
-[device.bench0]
-kind = "swap"
-size = "{args.size}"
-pool = "{args.pool}"
-compressor = "zstd"
-level = {args.level}
-
-[device.bench0.watermarks]
-low = 0.80
-high = 0.90
-policy = "reject"
-"""
+    config = swap_config(args.size, args.pool, name="bench0", level=args.level)
     try:
         daemon = harness.start_daemon(config, log_level="info")
         loop = harness.attach_loop(daemon.data("bench0"), direct_io=True)

@@ -466,6 +466,23 @@ def workload_command(mib: int, *, seed: int = 1, mix: str = "mixed", passes: int
 
 # -- the daemon -----------------------------------------------------------------------------
 
+def swap_config(size: str, pool: str, *, name: str = "swap0", level: int = 1) -> str:
+    """The TOML of one swap device with the default watermarks (0.80/0.90, reject)."""
+    return f"""
+[device.{name}]
+kind = "swap"
+size = "{size}"
+pool = "{pool}"
+compressor = "zstd"
+level = {level}
+
+[device.{name}.watermarks]
+low = 0.80
+high = 0.90
+policy = "reject"
+"""
+
+
 def config_devices(config_toml: str) -> list[str]:
     return list(tomllib.loads(config_toml).get("device", {}))
 

@@ -23,6 +23,7 @@ from .helpers import (
     loop_for,
     mm_stat,
     read_attr,
+    swap_config,
     swap_off,
     swap_on,
     swaps,
@@ -34,19 +35,7 @@ from .test_mount import cramfs_cli
 pytestmark = [pytest.mark.swap, pytest.mark.requires("root", "fuse", "loop", "memcg", "losetup",
                                                      "mkswap", "swapon", "swapoff")]
 
-SWAP_CONFIG = """
-[device.swap0]
-kind = "swap"
-size = "1G"
-pool = "512M"
-compressor = "zstd"
-level = 1
-
-[device.swap0.watermarks]
-low = 0.80
-high = 0.90
-policy = "reject"
-"""
+SWAP_CONFIG = swap_config("1G", "512M")
 
 WORKLOAD_MIB = 384
 MEMCG_LIMIT = 128 * MiB
@@ -172,19 +161,7 @@ def test_sigterm_while_swap_active_keeps_serving(start_daemon, memory_cgroup):
     assert not is_mounted(daemon.mountpoint)
 
 
-POOL_CONFIG = """
-[device.swap0]
-kind = "swap"
-size = "512M"
-pool = "32M"
-compressor = "zstd"
-level = 1
-
-[device.swap0.watermarks]
-low = 0.80
-high = 0.90
-policy = "reject"
-"""
+POOL_CONFIG = swap_config("512M", "32M")
 
 
 def test_incompressible_fill_past_pool(start_daemon, memory_cgroup, tmp_path):
