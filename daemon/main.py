@@ -29,6 +29,7 @@ from daemon.fs import CramOperations
 log = logging.getLogger("cramfs")
 MAX_BACKGROUND = 64
 FUSE_WORKERS = 64
+FUSE_MIN_TASKS = 4
 SHRINKER_IDLE = 0.02  # seconds between checks of a zswap pool
 
 
@@ -177,7 +178,7 @@ class Daemon:
                         nursery.start_soon(self._zero_flusher, entry)
                     if isinstance(entry.device, ZswapDevice):
                         nursery.start_soon(self._shrinker, entry)
-                await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
+                await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_WORKERS)
                 nursery.cancel_scope.cancel()
         finally:
             system.sd_notify("STOPPING=1")
