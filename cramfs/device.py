@@ -508,7 +508,33 @@ class CompressedDevice:
         return data[start:start + plan.length]
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.decode(self.fetch(offset, length))
+        """``decode(fetch(offset, length))``, on this thread. A read inside one page (swap-in
+        asks for one 4 KiB page at a time) takes a short cut with the same checks, counters
+        and bytes: in the daemon, the kernel's and the client's work between two requests
+        leaves the CPU caches cold, and every extra Python call then costs far more than in a
+        loop (measured through FUSE: the general path made a 4 KiB read ~20% slower)."""
+        index = offset >> PAGE_SHIFT
+        if offset < 0 or length <= 0 or offset + length > self.size \
+                or (offset + length - 1) >> PAGE_SHIFT != index:
+            return self.decode(self.fetch(offset, length))
+        if self.poisoned and index in self.poisoned:
+            self.counters.failed_reads += 1
+            raise PoisonedPage(index)
+        meta = self.table.meta[index]
+        if meta >> pt.STATE_SHIFT == pt.COMPRESSED:
+            page = self.codec.decompress(self.pool.read(self.table.loc[index],
+                                                        meta & pt.LENGTH_MASK))
+        else:
+            page = self.codec.decode_pages([self._page_item(index)])[0]
+        if self.referenced is not None:
+            self.referenced[index] = 1
+        counters = self.counters
+        counters.read_requests += 1
+        counters.read_bytes += length
+        if length == PAGE_SIZE:
+            return page
+        start = offset & (PAGE_SIZE - 1)
+        return page[start:start + length]
 
     def _page_item(self, index: int) -> tuple[int, object]:
         """What decoding page ``index`` needs, copied out of the pool or the backing file:

@@ -45,6 +45,7 @@ class TimingConfig:
 class Timing:
     def __init__(self, config: TimingConfig, clock=time.monotonic) -> None:
         self.config = config
+        self.active = config.active  # False: no latency, bandwidth or errors to apply
         self._clock = clock
         self._busy_until = dict.fromkeys(OPS, 0.0)
         self._random = random.Random(config.seed)

@@ -266,21 +266,24 @@ class CramOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if size == 0:
             return b""
+        shaped = device.timing.active  # latency, bandwidth or errors configured
         try:
-            device.inject_fault("read")
-            plan = device.fetch(off, size)
+            if shaped:
+                device.inject_fault("read")
+            if size < THREAD_MIN_BYTES:
+                data = device.read(off, size)  # a swap-in page: kept short, see device.read
+            else:
+                plan = device.fetch(off, size)
+                data = await trio.to_thread.run_sync(device.decode, plan, limiter=self.limiter)
         except PoisonedPage as exc:
             log.warning("%s: read of poisoned page %d", node.entry.name, exc.page)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except InjectedFault:
             raise pyfuse3.FUSEError(errno.EIO) from None
-        if size >= THREAD_MIN_BYTES:
-            data = await trio.to_thread.run_sync(device.decode, plan, limiter=self.limiter)
-        else:
-            data = device.decode(plan)
-        delay = device.io_delay("read", size)
-        if delay > 0:
-            await trio.sleep(delay)
+        if shaped:
+            delay = device.io_delay("read", size)
+            if delay > 0:
+                await trio.sleep(delay)
         self.observe(node.entry.name, "read", time.perf_counter() - started)
         return data
 
@@ -294,9 +297,11 @@ class CramOperations(pyfuse3.Operations):
         device = node.entry.device
         name = node.entry.name
         started = time.perf_counter()
+        shaped = device.timing.active
         try:
             device.check_range(off, len(buf))
-            device.inject_fault("write")
+            if shaped:
+                device.inject_fault("write")
             device.precheck_write(off, buf)
             if len(buf) >= THREAD_MIN_BYTES:
                 plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
@@ -321,7 +326,7 @@ class CramOperations(pyfuse3.Operations):
             fate = "dropped" if device.failure_mode.value == "drop" else "poisoned"
             self._warn_limited(name, f"writes with pages {fate} past the real capacity",
                                f"{result.lost_pages} page(s) at offset {off}")
-        delay = result.delay + device.io_delay("write", len(buf))
+        delay = result.delay + (device.io_delay("write", len(buf)) if shaped else 0.0)
         if delay > 0:
             await trio.sleep(delay)
         self.observe(name, "write", time.perf_counter() - started)

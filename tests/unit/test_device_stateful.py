@@ -189,6 +189,19 @@ class DeviceModel(RuleBasedStateMachine):
         else:
             assert self.dev.read(offset, length) == self.ref[offset:offset + length]
 
+    @rule(page=st.integers(0, PAGES - 1), start=st.integers(0, P - 1),
+          length=st.integers(1, P))
+    def read_in_one_page(self, page, start, length):
+        """The swap-in short cut of device.read: same bytes, errors and counters."""
+        offset, length = page * P + start, min(length, P - start)
+        requests, read_bytes = self.dev.counters.read_requests, self.dev.counters.read_bytes
+        if page in self.poisoned:
+            self.read(offset, length)
+            return
+        assert self.dev.read(offset, length) == self.ref[offset:offset + length]
+        assert self.dev.counters.read_requests == requests + 1
+        assert self.dev.counters.read_bytes == read_bytes + length
+
     @rule(offset=st.integers(-P, SIZE + P), length=st.integers(1, 2 * P))
     def out_of_range(self, offset, length):
         if offset >= 0 and offset + length <= SIZE:
