@@ -22,11 +22,12 @@ from daemon.devices import KINDS
 
 DEFAULT_PATH = Path("/etc/cramfs/cramfs.toml")
 COMPRESSORS = ("zstd",)
-# zstd level when a device does not name one, kept after measuring 3..-5 (tests/bench/levels.py,
-# real process pages): -1 compresses ~25% faster in the device alone, but through FUSE and a
-# loop device its 1 MiB write rate stayed within run-to-run noise of level 1 while the pool
-# grew ~9%, so level 1 keeps the better ratio. Both stay well within 0.9x zram's memory.
-DEFAULT_LEVEL = 1
+# zstd level when a device does not name one, chosen by measurement (tests/bench/levels.py and
+# compare.py --level, 64 MiB of real process pages): -1 ("fast 1") compresses 1 MiB writes
+# through FUSE ~18% faster than level 1 with ~17% less CPU, and its pool stays at ~0.79x of
+# zram's memory (level 1: 0.73x), inside issue 8's 0.9x. -2 was no faster beyond noise at
+# 0.87x, too close to that bound; -3 reaches zram's 1.0x.
+DEFAULT_LEVEL = -1
 _TOP_KEYS = {"mountpoint", "metrics_address", "device"}
 _DEVICE_KEYS = {"kind", "size", "pool", "compressor", "level", "watermarks", "huge_threshold",
                 "zero_flush_interval", "timing"}

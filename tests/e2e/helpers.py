@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.config import DEFAULT_LEVEL
+
 TESTS = Path(__file__).resolve().parent.parent
 WORKLOAD = TESTS / "e2e" / "workload.py"
 MiB = 1 << 20
@@ -466,7 +468,8 @@ def workload_command(mib: int, *, seed: int = 1, mix: str = "mixed", passes: int
 
 # -- the daemon -----------------------------------------------------------------------------
 
-def swap_config(size: str, pool: str, *, name: str = "swap0", level: int = 1) -> str:
+def swap_config(size: str, pool: str, *, name: str = "swap0",
+                level: int = DEFAULT_LEVEL) -> str:
     """The TOML of one swap device with the default watermarks (0.80/0.90, reject)."""
     return f"""
 [device.{name}]

@@ -7,7 +7,7 @@ import pytest
 from cramfs.watermarks import FailureMode, Policy
 from daemon import config as configuration
 from daemon import main as cramfsd
-from daemon.config import ConfigError, parse
+from daemon.config import DEFAULT_LEVEL, ConfigError, parse
 
 GOOD = """
 mountpoint = "/run/test"
@@ -89,7 +89,7 @@ def test_defaults_for_optional_keys():
     assert str(config.mountpoint) == "/run/cramfs"
     assert config.metrics_address == "127.0.0.1:9469"
     dev = config.devices[0].device
-    assert (dev.level, dev.low, dev.high) == (1, 0.80, 0.90)
+    assert (dev.level, dev.low, dev.high) == (DEFAULT_LEVEL, 0.80, 0.90)
     assert dev.policy is Policy.REJECT
     assert dev.failure_mode is FailureMode.POISON
 
