@@ -1,13 +1,14 @@
 """Side-by-side benchmark (issue 8): cramfs vs nbdkit+nbdfuse vs kernel zram, same data, one run.
 
     python tests/bench/compare.py [--mib 64] [--out tests/bench/out] [--quick]
-                                  [--data real|synthetic] [--level N] [--profile]
+                                  [--data real|synthetic] [--level N] [--no-metrics] [--profile]
                                   [--skip NAME ...]
 
 Three block devices holding the same pages (real process memory dumped from running processes,
 or a synthetic mix), one after the other, each set up, measured and torn down before the next:
 
-  cramfs   cramfsd with a temporary config (one ``swap`` device, size 4x the data, pool = size),
+  cramfs   cramfsd with a temporary config (one ``swap`` device, size 4x the data, pool = size,
+           the default zstd level, the metrics endpoint on as shipped but nobody scraping),
            ``losetup --find --show --direct-io=on <mnt>/swap0/data``;
   nbdkit   ``nbdkit -f -U SOCK memory size=... allocator=zstd`` exported by
            ``nbdfuse DIR --unix SOCK``, then ``losetup --direct-io=on DIR/nbd`` (the C userspace
@@ -189,17 +190,21 @@ class Target:
     pool_pid: int | None = None      # cramfsd: RSS beyond the pool is measured for it
 
 
-def setup_cramfs(tmp: Path, size_mib: int, td: Teardown, cramfsd: str, level: int) -> Target:
+def setup_cramfs(tmp: Path, size_mib: int, td: Teardown, cramfsd: str, level: int,
+                 metrics: bool = True) -> Target:
+    """cramfsd as shipped: its metrics endpoint on (a port of the kernel's choosing on
+    127.0.0.1, nobody scraping) unless ``metrics`` is False."""
     base = tmp / "cramfs"
     mnt = base / "mnt"
     mnt.mkdir(parents=True)
     config = base / "cramfs.toml"
-    config.write_text(f'mountpoint = "{mnt}"\nmetrics_address = ""\n'
+    address = "127.0.0.1:0" if metrics else ""
+    config.write_text(f'mountpoint = "{mnt}"\nmetrics_address = "{address}"\n'
                       + h.swap_config(f"{size_mib}M", f"{size_mib}M", level=level))
     errlog = base / "cramfsd.log"
     with open(errlog, "wb") as err:
         proc = subprocess.Popen([cramfsd, "--config", str(config), "--mountpoint", str(mnt),
-                                 "--metrics-address", "", "--log-level", "warning"],
+                                 "--metrics-address", address, "--log-level", "warning"],
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     td.push("stop cramfsd", lambda: stop_pid(proc, "cramfsd"))
     td.push(f"unmount {mnt}", lambda: h.unmount(mnt))
@@ -781,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="py-spy cramfsd during extra 4 KiB runs and print the hottest frames")
     ap.add_argument("--skip", nargs="*", default=[], choices=NAMES)
+    ap.add_argument("--no-metrics", action="store_true",
+                    help="run cramfsd without its metrics endpoint (on by default, as shipped)")
     ap.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                     help=f"cramfs's zstd level (default {DEFAULT_LEVEL}, the daemon's default)")
     ap.add_argument("--cramfsd", default=shutil.which("cramfsd")
@@ -829,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 say(f"== {TITLES[name]} ==")
                 if name == "cramfs":
-                    t = setup_cramfs(tmp, size_mib, td, args.cramfsd, args.level)
+                    t = setup_cramfs(tmp, size_mib, td, args.cramfsd, args.level,
+                                      not args.no_metrics)
                 elif name == "nbdkit":
                     t = setup_nbdkit(tmp, size_mib, td)
                 else:
@@ -858,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cramfs benchmark: {args.mib} MiB of {args.data} pages "
           f"({data_info['pages']} pages, {data_info['zero']} zero, {data_info['same']} same; "
           f"zstd-1 per-page ratio {data_info['zstd1_page_ratio']:.2f}), cramfs zstd level "
-          f"{args.level}, devices {size_mib} MiB, "
+          f"{args.level}, metrics endpoint {'off' if args.no_metrics else 'on (unscraped)'}, "
+          f"devices {size_mib} MiB, "
           f"fio {args.fio_seconds}s per run, swap workload {args.swap_mib} MiB in a "
           f"{swap_cgroup_limit(args.swap_mib) // MiB} MiB cgroup{' [quick]' if args.quick else ''}")
     print(f"machine: {ncpu} CPUs, kernel {env['kernel']}, load {load_start[0]:.2f} -> "

@@ -8,7 +8,8 @@ same request loop settings, same max_background), each behind ``losetup --direct
   empty   one file that stores nothing: reads return zeros, writes are acknowledged. Every
           cost of a request except the device: the kernel's loop and FUSE work, pyfuse3's
           request loop on Trio, the reply.
-  cramfs  cramfsd itself on the same pages compare.py uses.
+  cramfs  cramfsd itself as shipped (metrics endpoint on, nobody scraping), on the pages
+          compare.py uses.
 
 and runs the same dd (1 MiB sequential) and fio (4 KiB random, iodepth 1 and 32) on both,
 alternating target by target in each round so a noisy neighbour hits both alike; medians of
