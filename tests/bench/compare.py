@@ -47,6 +47,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -190,15 +191,22 @@ class Target:
     pool_pid: int | None = None      # cramfsd: RSS beyond the pool is measured for it
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free a moment ago (cramfsd's config wants a real port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def setup_cramfs(tmp: Path, size_mib: int, td: Teardown, cramfsd: str, level: int,
                  metrics: bool = True) -> Target:
-    """cramfsd as shipped: its metrics endpoint on (a port of the kernel's choosing on
-    127.0.0.1, nobody scraping) unless ``metrics`` is False."""
+    """cramfsd as shipped: its metrics endpoint on (a free port on 127.0.0.1, nobody
+    scraping) unless ``metrics`` is False."""
     base = tmp / "cramfs"
     mnt = base / "mnt"
     mnt.mkdir(parents=True)
     config = base / "cramfs.toml"
-    address = "127.0.0.1:0" if metrics else ""
+    address = f"127.0.0.1:{free_port()}" if metrics else ""
     config.write_text(f'mountpoint = "{mnt}"\nmetrics_address = "{address}"\n'
                       + h.swap_config(f"{size_mib}M", f"{size_mib}M", level=level))
     errlog = base / "cramfsd.log"
