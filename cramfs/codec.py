@@ -172,20 +172,19 @@ class Codec:
 
     def _encode_range(self, data: bytes, first: int, end: int) -> list[Encoded]:
         compress = self._compressor().compress
-        threshold = self.huge_threshold
-        out = []
-        for index in range(first, end):
-            page = data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
-            word = same_fill(page)
-            if word is not None:
-                out.append(Encoded(SAME, b"", word))
-                continue
-            compressed = compress(page)
-            if len(compressed) < threshold:
-                out.append(Encoded(COMPRESSED, compressed))
-            else:
-                out.append(Encoded(HUGE, page, poor=len(compressed) >= PAGE_SIZE))
-        return out
+        return [self.encode_page(data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE], compress)
+                for index in range(first, end)]
+
+    def encode_page(self, page: bytes, compress=None) -> Encoded:
+        """One whole page (bytes) ready for the pool; ``compress`` is this thread's compressor's
+        method when the caller already holds it."""
+        word = same_fill(page)
+        if word is not None:
+            return Encoded(SAME, b"", word)
+        compressed = (compress or self._compressor().compress)(page)
+        if len(compressed) < self.huge_threshold:
+            return Encoded(COMPRESSED, compressed)
+        return Encoded(HUGE, page, poor=len(compressed) >= PAGE_SIZE)
 
     def decompress(self, payload: bytes) -> bytes:
         """Inverse of a COMPRESSED payload; raises zstandard.ZstdError on corruption."""

@@ -203,9 +203,50 @@ class CompressedDevice:
                 self._reject(reason, f"write control: device in {wm.state.value}")
 
     def write(self, offset: int, data: bytes | memoryview) -> WriteResult:
+        """Check, compress and commit on this thread. One whole aligned page while write
+        control is idle (most of a swap-out, one page at a time) takes a short path, for the
+        reason given in ``read``; anything else goes the general way."""
+        if len(data) == PAGE_SIZE and not offset & (PAGE_SIZE - 1) and 0 <= offset < self.size \
+                and self.watermarks.state is State.OK:
+            return self._write_page(offset >> PAGE_SHIFT, bytes(data))
         self.check_range(offset, len(data))
         self.precheck_write(offset, data)
         return self.commit_write(self.prepare_write(offset, data))
+
+    def _write_page(self, index: int, page: bytes) -> WriteResult:
+        """``commit_write(prepare_write(...))`` for one page, with the state ok (so no write
+        control, and precheck_write would pass). A compressed page on a plain device with no
+        lost or poisoned pages is placed here: into its own slot when the size class is the
+        same (as _place_all's in-place case), else into a new slot before the old one is
+        freed; _apply keeps the books as for any write. Every other case, and an allocation
+        that fails, goes through commit_write with the page already encoded."""
+        item = self.codec.encode_page(page)
+        if item.kind == enc.COMPRESSED and self.backing is None and not self.poisoned \
+                and not self.lost:
+            pool = self.pool
+            cls = pool.class_of(len(item.payload))
+            state = self.table.meta[index] >> pt.STATE_SHIFT
+            marker: int | None = None  # a slot handle may be 0: None is "not placed"
+            if (state == pt.COMPRESSED or state == pt.HUGE) \
+                    and pool.slot_size(self.table.loc[index]) == cls.size:
+                marker = _INPLACE
+            else:
+                try:
+                    marker = pool.alloc_in(cls, index)
+                except PoolExhausted:
+                    pass
+                else:
+                    pool.write(marker, item.payload)
+                    self._pending[index] = marker
+            if marker is not None:
+                result = WriteResult()
+                self._apply(index, [item], [marker], result)
+                counters = self.counters
+                counters.write_requests += 1
+                counters.written_bytes += PAGE_SIZE
+                self.watermarks.update(pool.used_bytes)
+                return result
+        return self.commit_write(WritePlan(index << PAGE_SHIFT, PAGE_SIZE, index, [item]))
 
     def commit_write(self, plan: WritePlan) -> WriteResult:
         """Place a prepared write. Raises WriteRejected (ENOSPC) or PoisonedPage (EIO)."""

@@ -299,16 +299,17 @@ class CramOperations(pyfuse3.Operations):
         started = time.perf_counter()
         shaped = device.timing.active
         try:
-            device.check_range(off, len(buf))
-            if shaped:
+            if shaped:  # an out-of-range request is EFBIG before any injected error
+                device.check_range(off, len(buf))
                 device.inject_fault("write")
-            device.precheck_write(off, buf)
-            if len(buf) >= THREAD_MIN_BYTES:
+            if len(buf) < THREAD_MIN_BYTES:
+                result = device.write(off, buf)  # a swap-out page: kept short, see device.write
+            else:
+                device.check_range(off, len(buf))
+                device.precheck_write(off, buf)
                 plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
                                                      limiter=self.limiter)
-            else:
-                plan = device.prepare_write(off, buf)
-            result = device.commit_write(plan)
+                result = device.commit_write(plan)
         except OutOfRange:
             raise pyfuse3.FUSEError(errno.EFBIG) from None
         except WriteRejected as exc:

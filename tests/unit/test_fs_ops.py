@@ -429,6 +429,7 @@ async def test_unexpected_exception_becomes_eio(ops, monkeypatch):
     monkeypatch.setattr(device, "fetch", boom)
     monkeypatch.setattr(device, "read", boom)
     monkeypatch.setattr(device, "prepare_write", boom)
+    monkeypatch.setattr(device, "write", boom)
     assert await errno_of(ops.read(fh, 0, P)) == errno.EIO
     assert await errno_of(ops.write(fh, 0, text(P, seed=1))) == errno.EIO
     monkeypatch.undo()
