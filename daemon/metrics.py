@@ -107,18 +107,21 @@ class Metrics:
 
     # -- latency --------------------------------------------------------------------------
     def observe(self, device_name: str, op: str, seconds: float) -> None:
-        """Record one request's duration (``op`` is "read" or "write")."""
-        key = (device_name, op)
-        hist = self._latency.get(key)
+        """Record one request's duration (``op`` is "read" or "write").
+
+        Called for every request, from the one thread that serves them, so the counts are
+        bumped without a lock (it cost ~5% of the request loop at 4 KiB, measured with py-spy).
+        A scrape may then see a request's bucket a moment before its share of the sum, as with
+        prometheus_client's own histograms, which lock sum and buckets separately. The lock
+        guards only the set of histograms, which a scrape iterates."""
+        hist = self._latency.get((device_name, op))
         if hist is None:
             if op not in OPS:
                 raise ValueError(f"op must be one of {OPS}, got {op!r}")
             with self._lock:
-                hist = self._latency.setdefault(key, _Latency())
-        index = bisect_left(LATENCY_BUCKETS, seconds)
-        with self._lock:
-            hist.counts[index] += 1
-            hist.total += seconds
+                hist = self._latency.setdefault((device_name, op), _Latency())
+        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist.total += seconds
 
     # -- exposition -----------------------------------------------------------------------
     def render(self) -> bytes:
