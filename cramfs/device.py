@@ -541,9 +541,8 @@ class CompressedDevice:
 
     def decode(self, plan: ReadPlan) -> bytes:
         """Decompress a fetched read. Pure; safe on any thread."""
-        parts = self.codec.decode_pages(plan.pages)
+        data = self.codec.decode_joined(plan.pages)
         start = plan.offset & (PAGE_SIZE - 1)
-        data = b"".join(parts)
         if start == 0 and len(data) == plan.length:
             return data
         return data[start:start + plan.length]

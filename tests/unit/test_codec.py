@@ -151,3 +151,40 @@ def test_decompress_rejects_short_page(codec):
             write_checksum=False)).compress(b"abc" * 10)
     with pytest.raises(zstandard.ZstdError):
         codec.decompress(short)
+
+
+def _plan(codec: Codec, pages: list[bytes]) -> list:
+    """A read plan as CompressedDevice.fetch builds it: (state, payload | fill | None)."""
+    plan = []
+    for item in codec.encode_pages(b"".join(pages)):
+        if item.kind == SAME:
+            plan.append((SAME, item.fill) if item.fill else (0, None))  # zero: empty entry
+        else:
+            plan.append((item.kind, item.payload))
+    return plan
+
+
+@pytest.mark.parametrize("compressed", [PARALLEL_BATCH_PAGES - 1, PARALLEL_BATCH_PAGES, 257])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_joined_matches_page_by_page(compressed, threads):
+    """Large reads go through zstd's batch decoder; mixed plans keep their order."""
+    codec = Codec(threads=threads)
+    pages = []
+    for i in range(compressed):
+        pages.append(text_page(i))
+        if i % 5 == 0:
+            pages += [os.urandom(PAGE_SIZE), word_page(i + 1), bytes(PAGE_SIZE)]
+    plan = _plan(codec, pages)
+    assert codec.decode_joined(plan) == b"".join(codec.decode_pages(plan)) == b"".join(pages)
+    only_compressed = [entry for entry in plan if entry[0] == COMPRESSED]
+    assert codec.decode_joined(only_compressed) == b"".join(
+        text_page(i) for i in range(compressed))
+
+
+def test_decode_joined_reports_a_corrupt_frame():
+    codec = Codec(threads=2)
+    plan = _plan(codec, [text_page(i) for i in range(2 * PARALLEL_BATCH_PAGES)])
+    state, payload = plan[7]
+    plan[7] = (state, payload[:-3] + b"\xff\xff\xff")
+    with pytest.raises(zstandard.ZstdError):
+        codec.decode_joined(plan)
