@@ -85,6 +85,15 @@ def page_parameters(level: int) -> zstandard.ZstdCompressionParameters:
     )
 
 
+def _uncompressed(state: int, value) -> bytes:
+    """A read-plan entry that needs no decompression: raw (HUGE), same-filled, or empty."""
+    if state == HUGE:
+        return value
+    if state == SAME:
+        return fill_page(value)
+    return ZERO_PAGE
+
+
 def _inflate(decompressor: zstandard.ZstdDecompressor, payload: bytes) -> bytes:
     page = decompressor.decompress(payload, max_output_size=PAGE_SIZE)
     if len(page) != PAGE_SIZE:
@@ -187,12 +196,8 @@ class Codec:
             if state == COMPRESSED:
                 parts.append(pages_out[next_compressed])
                 next_compressed += 1
-            elif state == HUGE:
-                parts.append(value)
-            elif state == SAME:
-                parts.append(fill_page(value))
             else:
-                parts.append(ZERO_PAGE)
+                parts.append(_uncompressed(state, value))
         return b"".join(parts)
 
     def _batch_decompressor(self) -> zstandard.ZstdDecompressor:
@@ -209,12 +214,8 @@ class Codec:
             state, value = pages[index]
             if state == COMPRESSED:
                 out.append(_inflate(decompressor, value))
-            elif state == HUGE:
-                out.append(value)
-            elif state == SAME:
-                out.append(fill_page(value))
             else:
-                out.append(ZERO_PAGE)
+                out.append(_uncompressed(state, value))
         return out
 
     def _encode_range(self, data: bytes, first: int, end: int) -> list[Encoded]:
