@@ -21,7 +21,8 @@ from cramfs.pagetable import COMPRESSED, HUGE, SAME  # encodings share the table
 # largest size classes; with 4 KiB pages that cut-off (huge_class_size) is about 3.2 KiB.
 DEFAULT_HUGE_THRESHOLD = 3264
 
-# Batches at least this many pages long are compressed by zstd's own worker threads.
+# Batches at least this many pages long use more than one thread: encode_pages hands half to a
+# persistent worker, decode_joined hands the compressed pages to zstd's batch decoder.
 PARALLEL_BATCH_PAGES = 16
 
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -101,6 +102,16 @@ def _inflate(decompressor: zstandard.ZstdDecompressor, payload: bytes) -> bytes:
     return page
 
 
+class _ThreadContexts(threading.local):
+    """Each thread's own zstd contexts (zstandard's are not thread-safe), made the first time
+    the thread touches them."""
+
+    def __init__(self, params: zstandard.ZstdCompressionParameters) -> None:
+        self.compressor = zstandard.ZstdCompressor(compression_params=params)
+        self.decompressor = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        self.batch_decompressor = zstandard.ZstdDecompressor()  # standard frames only
+
+
 class Codec:
     """zstd on single pages (see page_parameters).
 
@@ -116,25 +127,8 @@ class Codec:
         self.level = level
         self.huge_threshold = huge_threshold
         self.threads = max(1, threads)
-        self._params = page_parameters(level)
-        self._local = threading.local()
+        self._local = _ThreadContexts(page_parameters(level))
         self._workers: ThreadPoolExecutor | None = None
-
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        local = self._local
-        compressor = getattr(local, "compressor", None)
-        if compressor is None:
-            compressor = local.compressor = zstandard.ZstdCompressor(
-                compression_params=self._params)
-        return compressor
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        local = self._local
-        decompressor = getattr(local, "decompressor", None)
-        if decompressor is None:
-            decompressor = local.decompressor = zstandard.ZstdDecompressor(
-                format=zstandard.FORMAT_ZSTD1_MAGICLESS)
-        return decompressor
 
     def encode_pages(self, data: bytes | memoryview) -> list[Encoded]:
         """Encode a whole number of pages. Safe to call from several threads at once."""
@@ -163,7 +157,9 @@ class Codec:
     def decode_pages(self, pages: list) -> list[bytes]:
         """Pages of a read plan, (state, value) each, back to bytes. Pure; safe on any
         thread."""
-        return self._decode_range(pages, 0, len(pages))
+        decompressor = self._local.decompressor
+        return [_inflate(decompressor, value) if state == COMPRESSED
+                else _uncompressed(state, value) for state, value in pages]
 
     def decode_joined(self, pages: list) -> bytes:
         """``b"".join(decode_pages(pages))``. A large read is decompressed by zstd's own
@@ -172,7 +168,7 @@ class Codec:
         gets zstd's 4-byte magic number back in front on the way in."""
         compressed = [value for state, value in pages if state == COMPRESSED]
         if len(compressed) < PARALLEL_BATCH_PAGES or self.threads < 2:
-            return b"".join(self._decode_range(pages, 0, len(pages)))
+            return b"".join(self.decode_pages(pages))
         segments = array("Q")
         pos = 0
         for payload in compressed:
@@ -180,14 +176,14 @@ class Codec:
             segments.extend((pos, size))
             pos += size
         try:
-            pages_out = self._batch_decompressor().multi_decompress_to_buffer(
+            pages_out = self._local.batch_decompressor.multi_decompress_to_buffer(
                 zstandard.BufferWithSegments(_FRAME_MAGIC + _FRAME_MAGIC.join(compressed),
                                              segments.tobytes()),
                 decompressed_sizes=_PAGE_SIZE_ENTRY * len(compressed), threads=self.threads)
         except (zstandard.ZstdError, ValueError):
             pages_out = None  # a corrupt frame: the page-by-page path names the error
         if pages_out is None or pages_out.size() != len(compressed) * PAGE_SIZE:
-            return b"".join(self._decode_range(pages, 0, len(pages)))
+            return b"".join(self.decode_pages(pages))
         if len(compressed) == len(pages):
             return b"".join(pages_out[i] for i in range(len(compressed)))
         parts = []
@@ -200,43 +196,23 @@ class Codec:
                 parts.append(_uncompressed(state, value))
         return b"".join(parts)
 
-    def _batch_decompressor(self) -> zstandard.ZstdDecompressor:
-        local = self._local
-        decompressor = getattr(local, "batch_decompressor", None)
-        if decompressor is None:
-            decompressor = local.batch_decompressor = zstandard.ZstdDecompressor()
-        return decompressor
-
-    def _decode_range(self, pages: list, first: int, end: int) -> list[bytes]:
-        decompressor = self._decompressor()  # once per range: the lookup is per thread
-        out = []
-        for index in range(first, end):
-            state, value = pages[index]
-            if state == COMPRESSED:
-                out.append(_inflate(decompressor, value))
-            else:
-                out.append(_uncompressed(state, value))
-        return out
-
     def _encode_range(self, data: bytes, first: int, end: int) -> list[Encoded]:
-        compress = self._compressor().compress
-        return [self.encode_page(data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE], compress)
+        return [self.encode_page(data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE])
                 for index in range(first, end)]
 
-    def encode_page(self, page: bytes, compress=None) -> Encoded:
-        """One whole page (bytes) ready for the pool; ``compress`` is this thread's compressor's
-        method when the caller already holds it."""
+    def encode_page(self, page: bytes) -> Encoded:
+        """One whole page (bytes) ready for the pool."""
         word = same_fill(page)
         if word is not None:
             return Encoded(SAME, b"", word)
-        compressed = (compress or self._compressor().compress)(page)
+        compressed = self._local.compressor.compress(page)
         if len(compressed) < self.huge_threshold:
             return Encoded(COMPRESSED, compressed)
         return Encoded(HUGE, page, poor=len(compressed) >= PAGE_SIZE)
 
     def decompress(self, payload: bytes) -> bytes:
         """Inverse of a COMPRESSED payload; raises zstandard.ZstdError on corruption."""
-        return _inflate(self._decompressor(), payload)
+        return _inflate(self._local.decompressor, payload)
 
     def close(self) -> None:
         if self._workers is not None:
