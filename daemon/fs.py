@@ -298,14 +298,15 @@ class CramOperations(pyfuse3.Operations):
         name = node.entry.name
         started = time.perf_counter()
         shaped = device.timing.active
+        large = len(buf) >= THREAD_MIN_BYTES
         try:
-            if shaped:  # an out-of-range request is EFBIG before any injected error
+            if shaped or large:  # an out-of-range request is EFBIG before any injected error
                 device.check_range(off, len(buf))
+            if shaped:
                 device.inject_fault("write")
-            if len(buf) < THREAD_MIN_BYTES:
+            if not large:
                 result = device.write(off, buf)  # a swap-out page: kept short, see device.write
             else:
-                device.check_range(off, len(buf))
                 device.precheck_write(off, buf)
                 plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
                                                      limiter=self.limiter)
