@@ -66,13 +66,13 @@ def fill_page(word: int) -> bytes:
 MAX_TABLE_LOG = 12
 
 
-def page_parameters(level: int) -> zstandard.ZstdCompressionParameters:
-    """zstd parameters for one 4 KiB page at ``level``: raw frames (no magic, checksum, size
-    or dict id: the page table knows the length and the page size is fixed), tables sized
-    for a page."""
+def page_parameters(level: int, magicless: bool = True) -> zstandard.ZstdCompressionParameters:
+    """zstd parameters for one 4 KiB page at ``level``: raw frames (no checksum, size or dict
+    id, and unless ``magicless`` is False no magic number: the page table knows the length
+    and the page size is fixed), tables sized for a page."""
     tuned = zstandard.ZstdCompressionParameters.from_level(level, source_size=PAGE_SIZE)
     return zstandard.ZstdCompressionParameters(
-        format=zstandard.FORMAT_ZSTD1_MAGICLESS,
+        format=zstandard.FORMAT_ZSTD1_MAGICLESS if magicless else zstandard.FORMAT_ZSTD1,
         write_content_size=False,
         write_checksum=False,
         write_dict_id=False,
@@ -84,6 +84,17 @@ def page_parameters(level: int) -> zstandard.ZstdCompressionParameters:
         target_length=tuned.target_length,
         strategy=tuned.strategy,
     )
+
+
+def frame_segments(lengths: list[int]) -> bytes:
+    """The (offset, length) table zstandard's BufferWithSegments wants for frames laid end
+    to end."""
+    table = array("Q")
+    offset = 0
+    for length in lengths:
+        table.extend((offset, length))
+        offset += length
+    return table.tobytes()
 
 
 def _uncompressed(state: int, value) -> bytes:
@@ -169,16 +180,11 @@ class Codec:
         compressed = [value for state, value in pages if state == COMPRESSED]
         if len(compressed) < PARALLEL_BATCH_PAGES or self.threads < 2:
             return b"".join(self.decode_pages(pages))
-        segments = array("Q")
-        pos = 0
-        for payload in compressed:
-            size = len(payload) + len(_FRAME_MAGIC)
-            segments.extend((pos, size))
-            pos += size
+        segments = frame_segments([len(payload) + len(_FRAME_MAGIC) for payload in compressed])
         try:
             pages_out = self._local.batch_decompressor.multi_decompress_to_buffer(
                 zstandard.BufferWithSegments(_FRAME_MAGIC + _FRAME_MAGIC.join(compressed),
-                                             segments.tobytes()),
+                                             segments),
                 decompressed_sizes=_PAGE_SIZE_ENTRY * len(compressed), threads=self.threads)
         except (zstandard.ZstdError, ValueError):
             pages_out = None  # a corrupt frame: the page-by-page path names the error

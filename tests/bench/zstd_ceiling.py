@@ -16,29 +16,11 @@ from array import array
 
 import zstandard
 
-from cramfs.codec import page_parameters
+from cramfs.codec import frame_segments, page_parameters
 
 PAGE = 4096
 BATCH = 256  # pages per call: one 1 MiB request, as the FUSE path delivers them
 MB = 1e6
-
-
-def _parameters(level: int) -> zstandard.ZstdCompressionParameters:
-    tuned = page_parameters(level)
-    return zstandard.ZstdCompressionParameters(
-        write_content_size=False, write_checksum=False, write_dict_id=False,
-        window_log=tuned.window_log, hash_log=tuned.hash_log, chain_log=tuned.chain_log,
-        search_log=tuned.search_log, min_match=tuned.min_match,
-        target_length=tuned.target_length, strategy=tuned.strategy)
-
-
-def _segments(lengths: list[int]) -> bytes:
-    out = array("Q")
-    pos = 0
-    for length in lengths:
-        out.extend((pos, length))
-        pos += length
-    return out.tobytes()
 
 
 def ceiling(data: bytes, level: int, threads: int | None = None, repeat: int = 3) -> dict:
@@ -48,9 +30,10 @@ def ceiling(data: bytes, level: int, threads: int | None = None, repeat: int = 3
     usable = len(data) // (BATCH * PAGE) * BATCH * PAGE
     if not usable:
         raise ValueError("ceiling() needs at least 1 MiB of pages")
-    compressor = zstandard.ZstdCompressor(compression_params=_parameters(level))
+    compressor = zstandard.ZstdCompressor(
+        compression_params=page_parameters(level, magicless=False))
     decompressor = zstandard.ZstdDecompressor()
-    page_segments = _segments([PAGE] * BATCH)
+    page_segments = frame_segments([PAGE] * BATCH)
     sizes = array("Q", [PAGE] * BATCH).tobytes()
     best_c = best_d = float("inf")
     stored = 0
@@ -63,7 +46,7 @@ def ceiling(data: bytes, level: int, threads: int | None = None, repeat: int = 3
         frames = [[bytes(segment) for segment in batch] for batch in batches]
         stored = sum(min(len(f), PAGE) for batch in frames for f in batch)
         inputs = [zstandard.BufferWithSegments(b"".join(batch),
-                                               _segments([len(f) for f in batch]))
+                                               frame_segments([len(f) for f in batch]))
                   for batch in frames]
         start = time.perf_counter()
         for frames_in in inputs:
