@@ -214,37 +214,22 @@ class CompressedDevice:
         return self.commit_write(self.prepare_write(offset, data))
 
     def _write_page(self, index: int, page: bytes) -> WriteResult:
-        """``commit_write(prepare_write(...))`` for one page, with the state ok (so no write
-        control, and precheck_write would pass). A compressed page on a plain device with no
-        lost or poisoned pages is placed here: into its own slot when the size class is the
-        same (as _place_all's in-place case), else into a new slot before the old one is
-        freed; _apply keeps the books as for any write. Every other case, and an allocation
-        that fails, goes through commit_write with the page already encoded."""
+        """``commit_write(prepare_write(...))`` for one whole page with the state ok, so with
+        no write control and nothing for check_range or precheck_write to refuse. The page is
+        encoded once; on a device without a backing file whose page fits, phase 1
+        (_place_all) and phase 2 (_apply) run directly, without commit_write's per-request
+        steps. A page that does not fit goes through commit_write (compaction, retry, the
+        failure policy) already encoded; phase 1 left nothing behind for it to undo."""
         item = self.codec.encode_page(page)
-        if item.kind == enc.COMPRESSED and self.backing is None and not self.poisoned \
-                and not self.lost:
-            pool = self.pool
-            cls = pool.class_of(len(item.payload))
-            state = self.table.meta[index] >> pt.STATE_SHIFT
-            marker: int | None = None  # a slot handle may be 0: None is "not placed"
-            if (state == pt.COMPRESSED or state == pt.HUGE) \
-                    and pool.slot_size(self.table.loc[index]) == cls.size:
-                marker = _INPLACE
-            else:
-                try:
-                    marker = pool.alloc_in(cls, index)
-                except PoolExhausted:
-                    pass
-                else:
-                    pool.write(marker, item.payload)
-                    self._pending[index] = marker
-            if marker is not None:
+        if self.backing is None:
+            placed = self._place_all(index, [item])
+            if placed[0] != _FAILED:
                 result = WriteResult()
-                self._apply(index, [item], [marker], result)
+                self._apply(index, [item], placed, result)
                 counters = self.counters
                 counters.write_requests += 1
                 counters.written_bytes += PAGE_SIZE
-                self.watermarks.update(pool.used_bytes)
+                self.watermarks.update(self.pool.used_bytes)
                 return result
         return self.commit_write(WritePlan(index << PAGE_SHIFT, PAGE_SIZE, index, [item]))
 
