@@ -67,7 +67,9 @@ class Counters:
     failed_reads: int = 0
     failed_writes: int = 0
     invalid_io: int = 0
-    notify_free: int = 0  # pages released by a zero write (our discard)
+    notify_free: int = 0  # pages released: zero writes that freed one, every discarded page
+    discard_requests: int = 0  # fallocate(PUNCH_HOLE / ZERO_RANGE) requests served
+    discarded_pages: int = 0  # whole pages those requests covered (the node's trim count)
     huge_pages_since: int = 0
     reject_compress_poor: int = 0
     reject_alloc_fail: int = 0
@@ -471,6 +473,103 @@ class CompressedDevice:
             elif free:
                 self.pool.free(handle)
         table.clear(index)
+
+    # -- discard --------------------------------------------------------------------------
+    def discard(self, offset: int, length: int) -> int:
+        """Release ``[offset, offset + length)``: the kernel's discard, which reaches a file
+        as fallocate(PUNCH_HOLE | KEEP_SIZE) or ZERO_RANGE (the loop driver turns a freed swap
+        cluster into one). Afterwards the whole range reads back as zeros. As zram's
+        discard, every whole page leaves the books and the pool (or, with
+        ``zero_flush_interval``, waits for the next media zero, as a zero write does) and
+        counts in notify_free; poison and loss go with the contents. Unlike zram, which skips
+        them, the partial pages at the edges are zeroed in place: a file's hole must read as
+        zeros. The edges are placed first and all-or-nothing, so a discard refused for want
+        of pool space (ENOSPC; it can only happen when zeroing part of a page makes it
+        compress worse) changes nothing. Write control never refuses a discard: it releases.
+        Returns the number of pages that held data and were released."""
+        self.check_range(offset, length)
+        counters = self.counters
+        end = offset + length
+        first = -(-offset >> PAGE_SHIFT)  # first whole page
+        stop = end >> PAGE_SHIFT  # one past the last whole page
+        head, tail = offset & (PAGE_SIZE - 1), end & (PAGE_SIZE - 1)
+        edges = []  # (page index, start, length) to zero in place
+        if not length:
+            pass
+        elif first > stop:  # inside one page
+            edges.append((stop, head, length))
+        else:
+            if head:
+                edges.append((first - 1, head, PAGE_SIZE - head))
+            if tail:
+                edges.append((stop, 0, tail))
+        self._zero_edges(edges)
+        counters.discard_requests += 1
+        released = 0
+        if stop > first:
+            released = self._release_pages(first, stop)
+            counters.notify_free += stop - first
+            counters.discarded_pages += stop - first
+        self.watermarks.update(self.pool.used_bytes)
+        return released
+
+    def _zero_edges(self, edges: list[tuple[int, int, int]]) -> None:
+        """Zero part of each page in ``edges``, all or none (see ``discard``)."""
+        todo = []
+        for index, start, count in edges:
+            if index in self.poisoned:  # as a partial write: its other bytes are gone
+                self.counters.failed_writes += 1
+                raise PoisonedPage(index)
+            if self.table.meta[index] == 0:
+                continue  # nothing stored: it reads as zeros already
+            page = bytearray(self._page_bytes(index))
+            page[start:start + count] = bytes(count)
+            todo.append((index, self.codec.encode_page(bytes(page))))
+        if not todo:
+            return
+        peak = self.pool.max_used_frames
+        try:
+            placed = self._place_edges(todo)
+            if any(marker[0] == _FAILED for marker in placed):
+                self._undo(peak)
+                self.pool.compact()
+                placed = self._place_edges(todo)
+                if any(marker[0] == _FAILED for marker in placed):
+                    self._undo(peak)
+                    self.counters.pool_limit_hit += 1
+                    self._reject(REJECT_FULL, "pool full: zeroing part of a page does not fit")
+        except OSError as exc:
+            self._undo(peak)
+            self.counters.backing_write_errors += 1
+            self.counters.failed_writes += 1
+            raise BackingError(f"backing file write failed: {exc.strerror}") from exc
+        result = WriteResult()
+        for (index, item), marker in zip(todo, placed, strict=True):
+            self._apply(index, [item], marker, result)
+
+    def _place_edges(self, todo: list[tuple[int, Encoded]]) -> list[list[int]]:
+        return [self._place_all(index, [item]) for index, item in todo]
+
+    def _release_pages(self, first: int, stop: int) -> int:
+        """Drop pages ``first .. stop - 1`` from the books: the whole-page half of discard.
+        Runs of empty pages are skipped a chunk at a time (a discard can cover gigabytes)."""
+        meta = self.table.meta
+        defer = bool(self.zero_flush_interval)
+        released = 0
+        chunk = 4096
+        for base in range(first, stop, chunk):
+            top = min(base + chunk, stop)
+            if meta[base:top].count(0) == top - base:
+                continue
+            for index in range(base, top):
+                if meta[index]:
+                    self._forget(index, free=not defer, defer=defer)
+                    released += 1
+        if self.poisoned or self.lost:
+            for pages in (self.poisoned, self.lost):
+                for index in [i for i in pages if first <= i < stop]:
+                    pages.discard(index)
+        return released
 
     def flush_releases(self) -> int:
         """The device's batched media zero: free every parked slot; returns pages freed."""

@@ -564,3 +564,98 @@ def test_watermark_listeners_see_device_transitions():
     dev.write(0, bytes(dev.size))
     assert seen == [("ok", "pressure"), ("pressure", "ok")]
     assert dev.watermarks.generation == 2
+
+
+# -- discard (fallocate PUNCH_HOLE / ZERO_RANGE) ---------------------------------------------
+
+
+def test_discard_releases_whole_pages_and_zeroes_the_edges_in_place():
+    dev = make()
+    data = rand(8 * P, 7)  # huge pages: a frame each
+    dev.write(0, data)
+    used = dev.pool.used_bytes
+    released = dev.discard(P + 100, 4 * P)  # edge pages 1 and 5, whole pages 2..4
+    assert released == 3
+    expected = bytearray(data)
+    expected[P + 100:5 * P + 100] = bytes(4 * P)
+    assert dev.read(0, 8 * P) == bytes(expected)
+    assert [dev.table.state(i) for i in (2, 3, 4)] == [0, 0, 0]
+    assert dev.pages_stored == 5
+    assert dev.pool.used_bytes == used - 3 * P
+    assert dev.counters.notify_free == 3 == dev.counters.discarded_pages
+    assert dev.counters.discard_requests == 1
+    assert dev.io_stat()[3] == 3
+    check(dev)
+
+
+def test_discard_counts_every_whole_page_as_zram_does_stored_or_not():
+    dev = make()
+    dev.write(0, text(P))
+    assert dev.discard(0, 16 * P) == 1
+    assert dev.counters.notify_free == 16
+    assert dev.pages_stored == 0 and dev.pool.used_bytes == 0
+    check(dev)
+
+
+def test_discard_inside_one_page_is_a_partial_zero():
+    dev = make()
+    dev.write(0, text(P, 3))
+    assert dev.discard(10, 20) == 0
+    assert dev.read(0, P) == text(P, 3)[:10] + bytes(20) + text(P, 3)[30:]
+    assert dev.counters.notify_free == 0
+    check(dev)
+
+
+def test_discard_out_of_range_changes_nothing():
+    dev = make()
+    dev.write(0, text(P))
+    before = snapshot(dev)
+    for offset, length in ((dev.size - P, 2 * P), (-P, P), (0, dev.size + 1)):
+        with pytest.raises(OutOfRange):
+            dev.discard(offset, length)
+    before["counters"]["invalid_io"] += 3
+    assert snapshot(dev) == before
+
+
+def test_discard_clears_poison_and_loss_of_whole_pages():
+    dev = make(pool=4 * P, policy=Policy.NONE, failure_mode=FailureMode.POISON, high=1.0,
+               low=0.9)
+    dev.write(0, rand(8 * P, 1))  # four fit, four are poisoned
+    assert dev.poisoned
+    dev.discard(0, 8 * P)
+    assert not dev.poisoned
+    assert dev.read(0, 8 * P) == bytes(8 * P)
+    assert dev.pool.used_bytes == 0
+    check(dev)
+
+
+def test_discard_of_a_poisoned_edge_fails_and_changes_nothing():
+    dev = make(pool=1 * P, policy=Policy.NONE, failure_mode=FailureMode.POISON, high=1.0,
+               low=0.9)
+    dev.write(0, rand(2 * P, 2))
+    assert 1 in dev.poisoned
+    before = snapshot(dev)
+    with pytest.raises(PoisonedPage):
+        dev.discard(P + 10, 100)
+    before["counters"]["failed_writes"] += 1
+    assert snapshot(dev) == before
+
+
+def test_discard_is_never_refused_by_write_control():
+    dev = make(pool=8 * P, low=0.1, high=0.2)
+    dev.write(0, rand(2 * P, 4))
+    assert dev.watermarks.state is not State.OK
+    dev.discard(0, 2 * P)
+    assert dev.pool.used_bytes == 0
+    assert dev.watermarks.state is State.OK
+
+
+def test_discard_waits_for_the_zero_flush_when_the_device_batches_it():
+    dev = make(zero_flush_interval=1.0)
+    dev.write(0, rand(4 * P, 5))
+    dev.discard(0, 4 * P)
+    assert dev.pages_stored == 0 and dev.read(0, 4 * P) == bytes(4 * P)
+    assert dev.pool.used_bytes == 4 * P == dev.releasing_bytes
+    assert dev.flush_releases() == 4
+    assert dev.pool.used_bytes == 0
+    check(dev)

@@ -177,6 +177,36 @@ class DeviceModel(RuleBasedStateMachine):
             assert i not in self.dev.poisoned and i not in self.dev.lost
         assert self.dev.pool.used_bytes <= used
 
+    @rule(offset=offsets, length=lengths)
+    def discard(self, offset, length):
+        """fallocate(PUNCH_HOLE): whole pages leave the pool, edges are zeroed in place;
+        all or nothing; never more pool than before unless an edge grew."""
+        dev = self.dev
+        length = min(length, SIZE - offset)
+        first, stop = -(-offset // P), (offset + length) // P
+        touched = range(offset // P, (offset + length - 1) // P + 1) if length else range(0)
+        edges = [i for i in touched if not first <= i < stop]
+        before = (self.gauges(), self.stored_bytes(), set(dev.poisoned))
+        notify = dev.counters.notify_free
+        try:
+            dev.discard(offset, length)
+        except (WriteRejected, PoisonedPage) as error:
+            if isinstance(error, PoisonedPage):
+                assert error.page in self.poisoned and error.page in edges
+            event(f"discard refused: {type(error).__name__}")
+            assert (self.gauges(), self.stored_bytes(), set(dev.poisoned)) == before
+            return
+        assert not set(edges) & self.poisoned
+        whole = max(0, stop - first)
+        # An edge that becomes all zeros is released like a zero write, and counts too.
+        assert notify + whole <= dev.counters.notify_free <= notify + whole + len(edges)
+        for i in range(first, stop):
+            assert dev.table.state(i) == 0
+            assert i not in dev.poisoned and i not in dev.lost
+            self.poisoned.discard(i)
+        self.ref[offset:offset + length] = bytes(length)
+        event("discard" + (" with edges" if edges else ""))
+
     @rule(offset=st.integers(0, SIZE), length=st.integers(0, 24 * P))
     def read(self, offset, length):
         length = min(length, SIZE - offset)

@@ -457,3 +457,15 @@ def test_close_releases_the_backing_fd(tmp_path):
     dev.close()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_discard_frees_pool_and_backing_pages_and_punches_the_file(dev):
+    for i in range(8):
+        dev.write(i * P, random_page(i) if i % 2 else text_page(i))  # odd pages to backing
+    assert dev.backing_pages == 4
+    dev.discard(0, 8 * P)
+    assert dev.pages_stored == 0 and dev.backing_pages == 0 and dev.used_bytes == 0
+    assert dev.backing.allocated_bytes() == 0
+    assert dev.read(0, 8 * P) == bytes(8 * P)
+    assert dev.counters.notify_free == 8
+    check(dev)
