@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cramfs.watermarks import FailureMode, Policy
+from daemon.capabilities import discard_supported
 from daemon.devices import DeviceEntry
 
 Reader = Callable[[DeviceEntry], str]
@@ -105,6 +106,10 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("pool_resident", lambda e: f"{e.device.pool.resident_bytes()}\n",
               doc="arena bytes the kernel really holds for the pool (memfd blocks)"),
     Attribute("lost_pages", _lost_pages, doc="page index and fate of each lost page"),
+    Attribute("discard_support", lambda e: f"{int(discard_supported())}\n",
+              doc="1 if discards (fallocate PUNCH_HOLE, ZERO_RANGE) reach the device"),
+    Attribute("discarded_pages", lambda e: f"{e.device.counters.discarded_pages}\n",
+              doc="whole pages released by discards (also in io_stat's notify_free)"),
     Attribute("compact", None, _compact, doc="write 1: compact the pool now"),
     Attribute("mem_used_max", lambda e: f"{e.device.pool.max_used_bytes}\n", _reset_max,
               doc="peak pool use; write 0 to reset, as zram's mem_used_max"),
@@ -150,7 +155,15 @@ ZSWAP_ATTRIBUTES: tuple[Attribute, ...] = tuple(
 )
 
 
+NODE_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("trim_count", lambda e: f"{e.device.counters.discarded_pages}\n",
+              doc="pages the host released by discard: the device's media zero (trim)"),
+)
+
+
 def attributes_for(kind: str) -> tuple[Attribute, ...]:
     if kind == "zswap":
         return ATTRIBUTES + ZSWAP_ATTRIBUTES
+    if kind == "node":
+        return ATTRIBUTES + NODE_ATTRIBUTES
     return ATTRIBUTES

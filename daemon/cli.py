@@ -81,19 +81,51 @@ def status(mountpoint: Path) -> str:
                      .rstrip() for row in rows) + "\n"
 
 
-def swapon(mountpoint: Path, name: str, priority: int | None) -> str:
-    data = device_dir(mountpoint, name) / "data"
+def loop_discards(loop: str) -> bool:
+    """Does the loop device pass discards on (the kernel sets this up when the file system
+    under the data file answers statfs and has fallocate)?"""
+    queue = Path("/sys/block") / Path(loop).name / "queue" / "discard_max_bytes"
+    try:
+        return int(queue.read_text()) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def swapon(mountpoint: Path, name: str, priority: int | None, discard: bool = True,
+           notes: list[str] | None = None) -> str:
+    """losetup --direct-io=on, mkswap, swapon; with ``discard`` (the default) and a daemon
+    that serves fallocate, ``swapon --discard=pages`` so that every slot the kernel frees
+    leaves the pool, as it leaves zram. Why discard was not used goes to ``notes``."""
+    notes = [] if notes is None else notes
+    path = device_dir(mountpoint, name)
+    data = path / "data"
     if loops_of(data):
         raise CliError(f"{name} is already attached to {', '.join(loops_of(data))}")
+    if discard and _read(path / "discard_support") != "1":
+        notes.append(f"{name}: discard unavailable: the daemon's pyfuse3 has no fallocate "
+                     "(install with ./install.sh); freed swap slots will stay in the pool")
+        discard = False
     loop = _run("losetup", "--find", "--show", "--direct-io=on", str(data)).strip()
     try:
+        if discard and not loop_discards(loop):
+            notes.append(f"{name}: {loop} does not advertise discard; freed swap slots will "
+                         "stay in the pool")
+            discard = False
         _run("mkswap", "-L", f"cramfs-{name}", loop)
-        command = ["swapon"] + (["-p", str(priority)] if priority is not None else []) + [loop]
+        command = ["swapon"] + (["-p", str(priority)] if priority is not None else [])
+        command += (["--discard=pages"] if discard else []) + [loop]
         _run(*command)
     except CliError:
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
         raise
     return loop
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def swapoff(mountpoint: Path, name: str) -> list[str]:
@@ -207,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mountpoint", type=Path, help="default: the config's mountpoint")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="a table of devices, like zramctl")
-    on = commands.add_parser("swapon", help="losetup --direct-io=on, mkswap, swapon")
+    on = commands.add_parser("swapon", help="losetup --direct-io=on, mkswap, swapon "
+                             "--discard=pages")
     on.add_argument("name")
     on.add_argument("--priority", "-p", type=int)
+    on.add_argument("--no-discard", dest="discard", action="store_false",
+                    help="do not pass --discard=pages to swapon (freed slots then stay in the "
+                    "pool until overwritten)")
     off = commands.add_parser("swapoff", help="swapoff and detach the loop device")
     off.add_argument("name")
     watcher = commands.add_parser("watch", help="print watermark state changes as they happen")
@@ -243,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             sys.stdout.write(status(mountpoint))
         elif args.command == "swapon":
-            print(swapon(mountpoint, args.name, args.priority))
+            notes: list[str] = []
+            loop = swapon(mountpoint, args.name, args.priority, args.discard, notes)
+            for note in notes:
+                print(f"cramfs: {note}", file=sys.stderr)
+            print(loop)
         elif args.command == "swapoff":
             print(" ".join(swapoff(mountpoint, args.name)))
         elif args.command == "watch":

@@ -35,6 +35,11 @@ THREAD_MIN_BYTES = 64 * 1024
 ATTR_SIZE = 4096
 WARN_INTERVAL = 10.0  # seconds between summaries of a repeated warning
 POLL_CHANGED = select.POLLIN | select.POLLRDNORM | select.POLLPRI
+# fallocate(2) modes that release a range: what the loop driver sends for a discard
+# (PUNCH_HOLE|KEEP_SIZE) and for a write-zeroes (ZERO_RANGE, with KEEP_SIZE or without).
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+DISCARD_MODES = frozenset({FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                           FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
 
 
 @dataclass
@@ -333,6 +338,35 @@ class CramOperations(pyfuse3.Operations):
             await trio.sleep(delay)
         self.observe(name, "write", time.perf_counter() - started)
         return len(buf)
+
+    @_guarded
+    async def fallocate(self, fh, mode, offset, length):
+        """The kernel's discard: the loop driver turns a discard into PUNCH_HOLE|KEEP_SIZE and
+        a write-zeroes into ZERO_RANGE. Both release the range (device.discard); any other
+        mode is EOPNOTSUPP and changes nothing. Never ENOSYS: the kernel would stop sending
+        fallocate for the life of the mount."""
+        handle = self._handle(fh)
+        node = handle.node
+        if not node.is_data:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        assert node.entry is not None
+        if mode not in DISCARD_MODES:
+            log.debug("%s: fallocate mode %#x not supported", node.entry.name, mode)
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        name = node.entry.name
+        try:
+            node.entry.device.discard(offset, length)
+        except OutOfRange:
+            raise pyfuse3.FUSEError(errno.EFBIG) from None
+        except WriteRejected as exc:
+            self._warn_limited(name, "discards refused with ENOSPC", str(exc))
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except PoisonedPage as exc:
+            log.warning("%s: discard edge in poisoned page %d", name, exc.page)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except BackingError as exc:
+            self._warn_limited(name, "writes failed in the backing file", str(exc))
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     def _warn_limited(self, name: str, what: str, detail: str) -> None:
         """Warn without flooding: a kernel retrying swap writes against a full device can

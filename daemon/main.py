@@ -23,6 +23,7 @@ from cramfs.timing import Timing
 from cramfs.zswap import ZswapDevice
 from daemon import config as configuration
 from daemon import system
+from daemon.capabilities import DISCARD_UNAVAILABLE, discard_supported
 from daemon.devices import DeviceEntry
 from daemon.fs import CramOperations
 
@@ -168,6 +169,8 @@ class Daemon:
         options = set(pyfuse3.default_options)
         options.update({"fsname=cramfs", "subtype=cramfs", "allow_other"})
         options.discard("default_permissions")
+        if not discard_supported():
+            log.warning("%s", DISCARD_UNAVAILABLE)
         pyfuse3.init(self.ops, str(mountpoint), options)
         try:
             async with trio.open_nursery() as nursery:

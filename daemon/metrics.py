@@ -188,7 +188,11 @@ class Metrics:
                          ("op",))
         invalid = counter("cramfs_invalid_io", "Requests outside the device (zram invalid_io).")
         released = counter("cramfs_released_pages",
-                           "Stored pages released by a zero write, our discard (zram notify_free).")
+                           "Pages released by a zero write or a discard (zram notify_free).")
+        discarded = counter("cramfs_discarded_pages",
+                            "Whole pages released by discards (fallocate PUNCH_HOLE or "
+                            "ZERO_RANGE; the node's trim count).")
+        discards = counter("cramfs_discard_requests", "Discard requests served.")
         rejected = counter("cramfs_rejected_writes",
                            "Writes refused with ENOSPC by write control: reason=watermark (in "
                            "pressure) or full (the pool could not fit them).", ("reason",))
@@ -259,6 +263,8 @@ class Metrics:
             failed.add_metric([name, "write"], c.failed_writes)
             invalid.add_metric(d, c.invalid_io)
             released.add_metric(d, c.notify_free)
+            discarded.add_metric(d, c.discarded_pages)
+            discards.add_metric(d, c.discard_requests)
             for reason in REJECT_REASONS:
                 rejected.add_metric([name, reason], c.rejected.get(reason, 0))
             lost.add_metric([name, "drop"], c.lost_writes)
@@ -281,7 +287,8 @@ class Metrics:
 
         yield from (info, size, capacity, used, used_max, stored, same, huge, compressed,
                     original, ratio, effective, efficiency, pressure, headroom, low, high, state,
-                    changed, poisoned, requests, io_bytes, failed, invalid, released, rejected,
+                    changed, poisoned, requests, io_bytes, failed, invalid, released, discarded,
+                    discards, rejected,
                     lost, throttled, throttle_s, events, compacted, huge_since, poor, limit_hit,
                     written_back, objects, backing, resident, zero_pending, injected)
         yield self._latency_family(names)

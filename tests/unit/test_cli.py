@@ -204,3 +204,50 @@ def test_loops_of_parses_losetup(monkeypatch):
            "/dev/loop5: [0045]:3 (/run/cramfs/swap0/data)\n")
     monkeypatch.setattr(cli, "_run", lambda *command: out)
     assert cli.loops_of(os.devnull) == ["/dev/loop0", "/dev/loop5"]
+
+
+# -- swapon and discard -------------------------------------------------------------------
+
+@pytest.fixture
+def commands(monkeypatch):
+    """Record the commands swapon runs; losetup --find answers /dev/loop9."""
+    ran: list[tuple[str, ...]] = []
+
+    def run(*command: str) -> str:
+        ran.append(command)
+        return "/dev/loop9\n" if command[:2] == ("losetup", "--find") else ""
+
+    monkeypatch.setattr(cli, "_run", run)
+    return ran
+
+
+@pytest.mark.parametrize("support, advertised, flag, expect", [
+    ("1", True, True, True), ("1", True, False, False), ("0", True, True, False),
+    ("1", False, True, False)])
+def test_swapon_discards_when_the_daemon_and_the_loop_can(mounted, commands, monkeypatch,
+                                                          support, advertised, flag, expect):
+    make_device(mounted, "swap0")
+    (mounted / "swap0" / "discard_support").write_text(support + "\n")
+    monkeypatch.setattr(cli, "loop_discards", lambda loop: advertised)
+    notes: list[str] = []
+    assert cli.swapon(mounted, "swap0", 5, discard=flag, notes=notes) == "/dev/loop9"
+    swapon = [c for c in commands if c[0] == "swapon"][0]
+    assert swapon == ("swapon", "-p", "5") + (("--discard=pages",) if expect else ()) + (
+        "/dev/loop9",)
+    assert bool(notes) == (flag and not expect)
+
+
+def test_main_swapon_no_discard_and_notes(mounted, commands, monkeypatch, capsys):
+    make_device(mounted, "swap0")  # an old daemon: no discard_support file
+    assert cli.main(["--mountpoint", str(mounted), "swapon", "swap0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "/dev/loop9\n"
+    assert "discard unavailable" in captured.err
+    commands.clear()
+    assert cli.main(["--mountpoint", str(mounted), "swapon", "swap0", "--no-discard"]) == 0
+    assert capsys.readouterr().err == ""
+    assert ("swapon", "/dev/loop9") in commands
+
+
+def test_loop_discards_reads_the_queue_limit(monkeypatch, tmp_path):
+    assert cli.loop_discards("/dev/no-such-loop") is False

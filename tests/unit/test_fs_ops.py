@@ -586,3 +586,63 @@ async def test_backing_file_failure_is_eio_and_changes_nothing(tmp_path, monkeyp
         await ops.release(info.fh)
     finally:
         device.close()
+
+
+# -- fallocate: the kernel's discard ---------------------------------------------------------
+
+PUNCH = fsmod.FALLOC_FL_PUNCH_HOLE | fsmod.FALLOC_FL_KEEP_SIZE
+
+
+async def test_punch_hole_releases_and_reads_back_zeros(ops):
+    fh = await open_file(ops, "swap0", "data")
+    data = rand(8 * P, 11)
+    await ops.write(fh, 0, data)
+    device = ops.entries[0].device
+    await ops.fallocate(fh, PUNCH, 2 * P + 5, 3 * P)
+    expected = bytearray(data)
+    expected[2 * P + 5:5 * P + 5] = bytes(3 * P)
+    assert await ops.read(fh, 0, 8 * P) == bytes(expected)
+    assert device.pages_stored == 6 and device.counters.discarded_pages == 2
+    for mode in (fsmod.FALLOC_FL_ZERO_RANGE, fsmod.FALLOC_FL_ZERO_RANGE | 1):
+        await ops.fallocate(fh, mode, 0, P)
+    assert device.pages_stored == 5
+    assert (await read_attr(ops, "swap0", "discarded_pages")).strip() == "4"
+    assert (await read_attr(ops, "swap0", "io_stat")).split()[3] == "4"
+    await ops.release(fh)
+
+
+@pytest.mark.parametrize("mode", [0, fsmod.FALLOC_FL_KEEP_SIZE, fsmod.FALLOC_FL_PUNCH_HOLE,
+                                  0x08, 0x20, 0x40, PUNCH | 0x10])
+async def test_other_fallocate_modes_are_eopnotsupp_and_change_nothing(ops, mode):
+    fh = await open_file(ops, "swap0", "data")
+    await ops.write(fh, 0, text(4 * P))
+    device = ops.entries[0].device
+    assert await errno_of(ops.fallocate(fh, mode, 0, 4 * P)) == errno.EOPNOTSUPP
+    assert await ops.read(fh, 0, 4 * P) == text(4 * P)
+    assert device.counters.discard_requests == 0
+    await ops.release(fh)
+
+
+async def test_fallocate_past_the_end_is_efbig_and_changes_nothing(ops):
+    fh = await open_file(ops, "swap0", "data")
+    device = ops.entries[0].device
+    await ops.write(fh, device.size - P, text(P))
+    assert await errno_of(ops.fallocate(fh, PUNCH, device.size - P, 2 * P)) == errno.EFBIG
+    assert await ops.read(fh, device.size - P, P) == text(P)
+    await ops.release(fh)
+
+
+async def test_fallocate_on_an_attribute_is_eopnotsupp(ops):
+    fh = await open_file(ops, "swap0", "mm_stat", os.O_RDONLY)
+    assert await errno_of(ops.fallocate(fh, PUNCH, 0, P)) == errno.EOPNOTSUPP
+    await ops.release(fh)
+
+
+async def test_node_counts_trims(ops):
+    fh = await open_file(ops, "node0", "data")
+    await ops.write(fh, 0, rand(4 * P, 3))
+    await ops.fallocate(fh, PUNCH, 0, 4 * P)
+    assert (await read_attr(ops, "node0", "trim_count")).strip() == "4"
+    assert (await read_attr(ops, "node0", "pool_used")).strip() == "0"
+    assert await read_attr(ops, "node0", "discard_support") in ("0\n", "1\n")
+    await ops.release(fh)

@@ -60,6 +60,8 @@ EXPECTED = {
     "cramfs_failed_io": ("counter", {"device", "op"}),
     "cramfs_invalid_io": ("counter", {"device"}),
     "cramfs_released_pages": ("counter", {"device"}),
+    "cramfs_discarded_pages": ("counter", {"device"}),
+    "cramfs_discard_requests": ("counter", {"device"}),
     "cramfs_rejected_writes": ("counter", {"device", "reason"}),
     "cramfs_lost_pages": ("counter", {"device", "mode"}),
     "cramfs_throttled_writes": ("counter", {"device"}),
@@ -212,6 +214,12 @@ def test_failed_invalid_and_released(dev, metrics):
     assert value(families, "cramfs_invalid_io_total") == 1
     assert value(families, "cramfs_released_pages_total") == 1
     assert value(families, "cramfs_stored_pages") == 1
+    dev.discard(0, 4 * PAGE_SIZE)  # zram counts every discarded page in notify_free
+    families = scrape(metrics)
+    assert value(families, "cramfs_released_pages_total") == 5
+    assert value(families, "cramfs_discarded_pages_total") == 4
+    assert value(families, "cramfs_discard_requests_total") == 1
+    assert value(families, "cramfs_stored_pages") == 0
 
 
 def fill_until(device: CompressedDevice, predicate, start: int = 0) -> int:
