@@ -70,7 +70,18 @@ def _zram() -> str | None:
     return "kernel zram not available (/sys/block/zram0 missing)"
 
 
+def _fuse_fallocate() -> str | None:
+    try:
+        import pyfuse3
+    except ImportError:
+        return "pyfuse3 not installed (./install.sh)"
+    if hasattr(pyfuse3.Operations, "fallocate"):
+        return None
+    return "this pyfuse3 has no fallocate: build the patched one with ./install.sh"
+
+
 _CHECKS: dict[str, Callable[[], str | None]] = {
+    "fallocate": _fuse_fallocate,
     "root": lambda: None if os.geteuid() == 0 else "needs root",
     "fuse": lambda: None if Path("/dev/fuse").exists() else "no /dev/fuse",
     "daemon": lambda: None if _daemon_command() else "cramfsd not installed (pip install -e .)",
@@ -135,7 +146,7 @@ def daemon_command() -> str:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "requires(*names): prerequisites (root, fuse, memcg, loop, zram, daemon, "
-        "or a program name); skip when missing, fail when CRAMFS_REQUIRE_E2E=1")
+        "fallocate, or a program name); skip when missing, fail when CRAMFS_REQUIRE_E2E=1")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

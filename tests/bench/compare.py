@@ -395,6 +395,20 @@ class SwapSampler(threading.Thread):
         self.join(timeout=5)
 
 
+def settle_after_exit(t: Target, timeout: float = 10.0) -> None:
+    """Give the kernel's asynchronous swap discards a moment after the workload has exited:
+    wait until the pool stops shrinking (or ``timeout``)."""
+    if t.mm_stat is None:
+        return
+    last, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        used = t.mm_stat()["mem_used_total"]
+        if used == last:
+            return
+        last = used
+        time.sleep(1.0)
+
+
 def swap_workload(t: Target, r: dict, mib: int, passes: int, timeout: float, cpu: dict,
                   baseline_rss: int, rival_wait: float) -> None:
     dev = t.device
@@ -408,7 +422,10 @@ def swap_workload(t: Target, r: dict, mib: int, passes: int, timeout: float, cpu
             "share the workload's pages; its elapsed time is not comparable")
     try:
         run(["mkswap", dev], timeout=60)
-        run(["swapon", "--priority", str(SWAP_PRIORITY), dev], timeout=60)
+        # --discard (once and pages): the earlier phases' data leaves the device at swapon,
+        # and freed slots leave the pool as `cramfs swapon` arranges (zram hears of them
+        # anyway, through its slot-free notify), so "pool after the workload exits" compares
+        run(["swapon", "--discard", "--priority", str(SWAP_PRIORITY), dev], timeout=60)
         cg = h.MemCgroup(f"bench-{os.getpid()}-{t.name}", swap_cgroup_limit(mib))
         cmd = h.workload_command(mib, passes=passes, sleep=0.2, python=sys.executable)
         sampler = SwapSampler()
@@ -431,6 +448,8 @@ def swap_workload(t: Target, r: dict, mib: int, passes: int, timeout: float, cpu
                            "the same priority: "
                            + ", ".join(f"{d} {kib // 1024} MiB" for d, kib in rivals.items()))
         memory_sample(t, r, "after_swap", baseline_rss)
+        settle_after_exit(t)
+        memory_sample(t, r, "after_exit", baseline_rss)
         summary = {}
         with contextlib.suppress(ValueError, IndexError):
             summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -638,6 +657,11 @@ def rows_from(results: dict, nbytes: int,
     rows += [
         ("swap workload elapsed (s)", "{:.1f}",
          get(lambda r: r["swap"]["elapsed_s"] if r["swap"].get("exit") == 0 else None)),
+        ("pool after the workload exits (MiB)", "{:.2f}",
+         get(lambda r: r["memory"]["after_exit"]["mem_used_total"] / MiB
+             if "orig_data_size" in r["memory"]["after_exit"] else None)),
+        ("data held after the workload exits (MiB)", "{:.2f}",
+         get(lambda r: r["memory"]["after_exit"]["orig_data_size"] / MiB)),
         ("memory used (MiB)", "{:.1f}",
          get(lambda r: r["memory"]["after_write"]["mem_used_total"] / MiB)),
         ("compression ratio (data/mem)", "{:.2f}",
