@@ -19,13 +19,15 @@ from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
 from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.interrupts import InterruptConfig, InterruptLine
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
 from cramfs.zspool import PoolExhausted, ZsPool
 
 REJECT_WATERMARK = "watermark"
 REJECT_FULL = "full"
-REJECT_REASONS = (REJECT_WATERMARK, REJECT_FULL)
+REJECT_GATE = "gate"  # the allocation gate (no_alloc) is closed
+REJECT_REASONS = (REJECT_WATERMARK, REJECT_FULL, REJECT_GATE)
 
 
 @dataclass
@@ -44,6 +46,9 @@ class DeviceConfig:
     # batched "media zero" gives it back; 0 frees at once.
     zero_flush_interval: float = 0.0
     timing: TimingConfig = field(default_factory=TimingConfig)
+    # Close the allocation gate by itself when the state becomes full (the driver reopens it).
+    no_alloc_on_full: bool = False
+    interrupts: InterruptConfig = field(default_factory=InterruptConfig)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE:
@@ -128,6 +133,11 @@ class CompressedDevice:
         self.pool.on_move = self._moved
         self.table = pt.PageTable(self.pages)
         self.watermarks = Watermarks(self.pool.capacity, config.low, config.high)
+        self.interrupts = InterruptLine(config.interrupts)
+        # The allocation gate: while closed, writes that need new pool space fail ENOSPC.
+        self.no_alloc = False
+        self.no_alloc_on_full = config.no_alloc_on_full
+        self.watermarks.subscribe(self._state_changed)
         self.policy = config.policy
         self.failure_mode = config.failure_mode
         self.throttle_max_delay = config.throttle_max_delay
@@ -189,7 +199,8 @@ class CompressedDevice:
         """
         wm = self.watermarks
         self._recheck_full()
-        if self.policy is not Policy.REJECT or wm.state is State.OK or not data:
+        if not data or not self.no_alloc and (self.policy is not Policy.REJECT
+                                              or wm.state is State.OK):
             return
         first = offset >> PAGE_SHIFT
         last = (offset + len(data) - 1) >> PAGE_SHIFT
@@ -201,15 +212,14 @@ class CompressedDevice:
         start = -offset & (PAGE_SIZE - 1)
         for pos in range(start, len(data) - PAGE_SIZE + 1, PAGE_SIZE):
             if same_fill(bytes(data[pos:pos + PAGE_SIZE])) is None:
-                reason = REJECT_FULL if wm.state is State.FULL else REJECT_WATERMARK
-                self._reject(reason, f"write control: device in {wm.state.value}")
+                self._refuse()
 
     def write(self, offset: int, data: bytes | memoryview) -> WriteResult:
         """Check, compress and commit on this thread. One whole aligned page while write
         control is idle (most of a swap-out, one page at a time) takes a short path, for the
         reason given in ``read``; anything else goes the general way."""
         if len(data) == PAGE_SIZE and not offset & (PAGE_SIZE - 1) and 0 <= offset < self.size \
-                and self.watermarks.state is State.OK:
+                and self.watermarks.state is State.OK and not self.no_alloc:
             return self._write_page(offset >> PAGE_SHIFT, bytes(data))
         self.check_range(offset, len(data))
         self.precheck_write(offset, data)
@@ -247,11 +257,12 @@ class CompressedDevice:
         result = WriteResult()
         wm = self.watermarks
         self._recheck_full()
+        if self.no_alloc and self._grows(first, encoded):
+            self._refuse()
         if wm.state is not State.OK and self.policy is not Policy.NONE and self._grows(
                 first, encoded):
             if self.policy is Policy.REJECT:
-                reason = REJECT_FULL if wm.state is State.FULL else REJECT_WATERMARK
-                self._reject(reason, f"write control: device in {wm.state.value}")
+                self._refuse()
             result.delay = self.throttle_max_delay * wm.pressure(self.pool.used_bytes) / 1000
             counters.throttled_writes += 1
             counters.throttle_seconds += result.delay
@@ -289,6 +300,14 @@ class CompressedDevice:
         until something was freed.) Re-evaluating lets it fall back to pressure or ok."""
         if self.watermarks.state is State.FULL:
             self.watermarks.update(self.pool.used_bytes)
+
+    def _refuse(self) -> None:
+        """Write control says no: the gate if it is closed, else the watermark state."""
+        state = self.watermarks.state
+        if self.no_alloc:
+            self._reject(REJECT_GATE, "write control: the allocation gate (no_alloc) is closed")
+        reason = REJECT_FULL if state is State.FULL else REJECT_WATERMARK
+        self._reject(reason, f"write control: device in {state.value}")
 
     def _reject(self, reason: str, message: str) -> None:
         self.counters.rejected[reason] += 1
@@ -678,6 +697,18 @@ class CompressedDevice:
         return self.codec.decode_pages([self._page_item(index)])[0]
 
     # -- control ------------------------------------------------------------------------
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = Policy(policy)
+
+    def set_no_alloc(self, closed: bool) -> None:
+        """Close (True) or open the allocation gate. A driver closes it on the high-threshold
+        interrupt and opens it once it has made room; releases always pass."""
+        self.no_alloc = bool(closed)
+
+    def _state_changed(self, old: State, new: State) -> None:
+        if new is State.FULL and self.no_alloc_on_full:
+            self.no_alloc = True
+
     def set_watermarks(self, low: float | None = None, high: float | None = None) -> None:
         wm = self.watermarks
         wm.set_marks(wm.low if low is None else low, wm.high if high is None else high,
@@ -725,6 +756,29 @@ class CompressedDevice:
 
     def headroom(self) -> int:
         return self.watermarks.headroom(self.pool.used_bytes)
+
+    # -- the node as its driver sees it ------------------------------------------------------
+    def zratio(self) -> float:
+        """The ratio the device promises: advertised over real capacity."""
+        return self.size / self.pool.capacity
+
+    def safe_pages(self) -> int:
+        """Pages of the present average compressibility that still fit before usage crosses
+        ``high`` (with nothing in the pool, at the promised ratio): what a driver asks before
+        placing a batch. 0 at or above high, or while the gate is closed."""
+        if self.no_alloc:
+            return 0
+        headroom = self.headroom()
+        ratio = self.effective_ratio() if self.pool.used_bytes else self.zratio()
+        return int(headroom * ratio) >> PAGE_SHIFT
+
+    def balloon_pages(self) -> int:
+        """Pages of advertised capacity the OS should withhold so what remains is backed at
+        the ratio achieved so far (never above the promised one); 0 with nothing stored."""
+        if not self.pool.used_bytes:
+            return 0
+        backed = self.pool.capacity * min(self.effective_ratio(), self.zratio())
+        return max(0, int(self.size - backed)) >> PAGE_SHIFT
 
     def pressure(self) -> int:
         return self.watermarks.pressure(self.pool.used_bytes)

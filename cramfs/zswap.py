@@ -54,6 +54,15 @@ class ZswapDevice(CompressedDevice):
         self.limit_reached = False  # zswap_pool_reached_full
         self._hand = 0
 
+    def set_policy(self, policy: Policy) -> None:
+        """zswap never refuses a write (the backing file takes what the pool does not)."""
+        if Policy(policy) is not Policy.NONE:
+            raise ValueError("a zswap device never refuses a write: its policy stays 'none'")
+
+    def set_no_alloc(self, closed: bool) -> None:
+        if closed:
+            raise ValueError("a zswap device never refuses a write: it has no allocation gate")
+
     # -- the limit and its hysteresis ------------------------------------------------------
     @property
     def pool_limit(self) -> int:

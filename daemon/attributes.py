@@ -49,7 +49,13 @@ def _set_high(entry: DeviceEntry, text: str) -> None:
 
 
 def _set_policy(entry: DeviceEntry, text: str) -> None:
-    entry.device.policy = Policy(text)
+    entry.device.set_policy(Policy(text))
+
+
+def _set_no_alloc(entry: DeviceEntry, text: str) -> None:
+    if text not in ("0", "1"):
+        raise ValueError("write 1 to close the allocation gate, 0 to open it")
+    entry.device.set_no_alloc(text == "1")
 
 
 def _set_failure_mode(entry: DeviceEntry, text: str) -> None:
@@ -113,6 +119,14 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("compact", None, _compact, doc="write 1: compact the pool now"),
     Attribute("mem_used_max", lambda e: f"{e.device.pool.max_used_bytes}\n", _reset_max,
               doc="peak pool use; write 0 to reset, as zram's mem_used_max"),
+    Attribute("interrupt_stat", lambda e: _fields(e.device.interrupts.stat()),
+              doc="watermark wake-ups: delivered delayed dropped"),
+)
+
+# The allocation gate: on swap and node devices (zswap never refuses a write).
+GATE_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("no_alloc", lambda e: f"{int(e.device.no_alloc)}\n", _set_no_alloc,
+              doc="1: every write that needs new pool space fails ENOSPC (reason gate)"),
 )
 
 
@@ -156,6 +170,13 @@ ZSWAP_ATTRIBUTES: tuple[Attribute, ...] = tuple(
 
 
 NODE_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("safe_pages", lambda e: f"{e.device.safe_pages()}\n",
+              doc="pages of the present compressibility that fit before high: ask before "
+              "placing"),
+    Attribute("zratio", lambda e: f"{e.device.zratio():.4f}\n",
+              doc="the ratio the device promises: size / pool"),
+    Attribute("balloon_pages", lambda e: f"{e.device.balloon_pages()}\n",
+              doc="advertised pages to withhold so the rest is backed at the achieved ratio"),
     Attribute("trim_count", lambda e: f"{e.device.counters.discarded_pages}\n",
               doc="pages the host released by discard: the device's media zero (trim)"),
 )
@@ -165,5 +186,5 @@ def attributes_for(kind: str) -> tuple[Attribute, ...]:
     if kind == "zswap":
         return ATTRIBUTES + ZSWAP_ATTRIBUTES
     if kind == "node":
-        return ATTRIBUTES + NODE_ATTRIBUTES
-    return ATTRIBUTES
+        return ATTRIBUTES + GATE_ATTRIBUTES + NODE_ATTRIBUTES
+    return ATTRIBUTES + GATE_ATTRIBUTES

@@ -91,14 +91,42 @@ def loop_discards(loop: str) -> bool:
         return False
 
 
+def swap_hazard(path: Path) -> str | None:
+    """Why swap on this device can wedge the host, or None when it cannot: the kernel
+    retries a refused swap-out forever, and a page the device loses comes back as SIGBUS."""
+    policy = _read(path / "write_policy")
+    try:
+        size, pool = int(_read(path / "disksize")), int(_read(path / "pool_capacity"))
+    except ValueError:
+        size = pool = 0
+    reasons = []
+    if policy == "reject":
+        reasons.append("its write policy 'reject' refuses writes once the pool is past its "
+                       "high watermark")
+    if pool < size:
+        reasons.append(f"its pool ({format_size_approx(pool)}) is smaller than its size "
+                       f"({format_size_approx(size)}), so the lie fails when data does not "
+                       f"compress" + (" and pages are lost" if policy == "none" else ""))
+    if not reasons:
+        return None
+    return (f"swap on {path.name} can wedge the host: {'; and '.join(reasons)}. The kernel "
+            "retries a refused swap-out forever, and the processes waiting for that memory "
+            "cannot be killed until room is made (raise their memory limit, then cramfs "
+            "swapoff). Use --force to swap on it anyway, or a device whose pool is at least "
+            "its size and whose policy is throttle or none")
+
+
 def swapon(mountpoint: Path, name: str, priority: int | None, discard: bool = True,
-           notes: list[str] | None = None) -> str:
+           notes: list[str] | None = None, force: bool = False) -> str:
     """losetup --direct-io=on, mkswap, swapon; with ``discard`` (the default) and a daemon
     that serves fallocate, ``swapon --discard=pages`` so that every slot the kernel frees
     leaves the pool, as it leaves zram. Why discard was not used goes to ``notes``."""
     notes = [] if notes is None else notes
     path = device_dir(mountpoint, name)
     data = path / "data"
+    hazard = swap_hazard(path)
+    if hazard and not force:
+        raise CliError(hazard)
     if loops_of(data):
         raise CliError(f"{name} is already attached to {', '.join(loops_of(data))}")
     if discard and _read(path / "discard_support") != "1":
@@ -246,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     on.add_argument("--no-discard", dest="discard", action="store_false",
                     help="do not pass --discard=pages to swapon (freed slots then stay in the "
                     "pool until overwritten)")
+    on.add_argument("--force", action="store_true",
+                    help="swap on a device that can refuse or lose writes (see the message)")
     off = commands.add_parser("swapoff", help="swapoff and detach the loop device")
     off.add_argument("name")
     watcher = commands.add_parser("watch", help="print watermark state changes as they happen")
@@ -280,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(status(mountpoint))
         elif args.command == "swapon":
             notes: list[str] = []
-            loop = swapon(mountpoint, args.name, args.priority, args.discard, notes)
+            loop = swapon(mountpoint, args.name, args.priority, args.discard, notes,
+                          args.force)
             for note in notes:
                 print(f"cramfs: {note}", file=sys.stderr)
             print(loop)

@@ -14,6 +14,7 @@ from typing import Any
 
 from cramfs import PAGE_SIZE
 from cramfs.device import DeviceConfig
+from cramfs.interrupts import InterruptConfig
 from cramfs.sizes import parse_size
 from cramfs.timing import TimingConfig
 from cramfs.watermarks import FailureMode, Policy, validate_marks
@@ -30,11 +31,13 @@ COMPRESSORS = ("zstd",)
 DEFAULT_LEVEL = -1
 _TOP_KEYS = {"mountpoint", "metrics_address", "device"}
 _DEVICE_KEYS = {"kind", "size", "pool", "compressor", "level", "watermarks", "huge_threshold",
-                "zero_flush_interval", "timing"}
+                "zero_flush_interval", "timing", "interrupts"}
 _TIMING_KEYS = {"read_latency", "write_latency", "read_bandwidth", "write_bandwidth",
                 "read_error_rate", "write_error_rate", "seed"}
 _ZSWAP_KEYS = {"backing_file", "max_pool_percent", "accept_threshold_percent"}
-_WATERMARK_KEYS = {"low", "high", "policy", "failure_mode", "throttle_max_delay"}
+_WATERMARK_KEYS = {"low", "high", "policy", "failure_mode", "throttle_max_delay",
+                   "no_alloc_on_full"}
+_INTERRUPT_KEYS = {"delay", "drop_rate", "seed"}
 
 
 class ConfigError(ValueError):
@@ -158,6 +161,12 @@ def _device(name: str, body: Any) -> DeviceSpec:
         extra["zero_flush_interval"] = _number(body["zero_flush_interval"],
                                                f"{where}.zero_flush_interval", 0, 3600)
     extra["timing"] = _timing(body.get("timing", {}), f"{where}.timing")
+    extra["interrupts"] = _interrupts(body.get("interrupts", {}), f"{where}.interrupts")
+    gate = marks.get("no_alloc_on_full", False)
+    if not isinstance(gate, bool):
+        raise ConfigError(f"{where}.watermarks.no_alloc_on_full: must be true or false, "
+                          f"got {gate!r}")
+    extra["no_alloc_on_full"] = gate
     try:
         config = DeviceConfig(size=size, pool=pool, level=level, low=float(low),
                               high=float(high), policy=policy, failure_mode=mode,
@@ -180,6 +189,21 @@ def _zswap(body: dict, where: str) -> dict[str, Any]:
                   f"{where}.accept_threshold_percent", 0, 100)
     return {"backing_file": Path(backing), "max_pool_percent": max_pool,
             "accept_threshold_percent": accept}
+
+
+def _interrupts(table: Any, where: str) -> InterruptConfig:
+    """How unreliable the watermark interrupt line is (delay, drop_rate, seed)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _no_unknown(table, _INTERRUPT_KEYS, f"{where}.")
+    values: dict[str, Any] = {}
+    if "delay" in table:
+        values["delay"] = _number(table["delay"], f"{where}.delay", 0, 3600)
+    if "drop_rate" in table:
+        values["drop_rate"] = _number(table["drop_rate"], f"{where}.drop_rate", 0, 1)
+    if "seed" in table:
+        values["seed"] = _int(table["seed"], f"{where}.seed", 0, 2**63)
+    return InterruptConfig(**values)
 
 
 def _timing(table: Any, where: str) -> TimingConfig:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cramfs.device import CompressedDevice
+from cramfs.storm import RefusalStorm
 
 KINDS = ("swap", "zswap", "node")
 
@@ -14,3 +15,4 @@ class DeviceEntry:
     name: str
     kind: str  # one of KINDS
     device: CompressedDevice
+    storm: RefusalStorm = field(default_factory=RefusalStorm)  # the kernel's retry loop

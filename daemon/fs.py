@@ -64,6 +64,14 @@ class Handle:
     poll_handle: pyfuse3.PollHandle | None = None
 
 
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _guarded(handler: Callable) -> Callable:
     """Map every failure of a handler to a FUSEError so the mount survives it."""
 
@@ -319,7 +327,7 @@ class CramOperations(pyfuse3.Operations):
         except OutOfRange:
             raise pyfuse3.FUSEError(errno.EFBIG) from None
         except WriteRejected as exc:
-            self._warn_limited(name, "writes refused with ENOSPC", str(exc))
+            await self._refused(node.entry, off, len(buf), exc)
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except PoisonedPage as exc:
             log.warning("%s: partial write into poisoned page %d", name, exc.page)
@@ -367,6 +375,31 @@ class CramOperations(pyfuse3.Operations):
         except BackingError as exc:
             self._warn_limited(name, "writes failed in the backing file", str(exc))
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _refused(self, entry: DeviceEntry, off: int, length: int,
+                       exc: WriteRejected) -> None:
+        """Log a refusal without flooding; recognise the kernel's endless retry of the same
+        refused pages (cramfs.storm), say once what is happening and the way out, and hold
+        each refusal back while it lasts so the retry loop costs little CPU."""
+        name, storm = entry.name, entry.storm
+        now = time.monotonic()
+        pages = max(1, (off + length - 1) // PAGE_SIZE - off // PAGE_SIZE + 1)
+        if storm.refused(off // PAGE_SIZE, pages, now):
+            ways = [f"`cramfs swapoff {name}` (raise the workload's memory limit first, or "
+                    "swapoff will wait for room)", "a larger pool", "write_policy none"]
+            if entry.device.no_alloc:
+                ways.insert(0, f"open the allocation gate (echo 0 > {name}/no_alloc)")
+            log.error("%s: refusal storm: the same %d pages are being refused again and "
+                      "again (%d refusals so far, reason %s). The kernel retries a refused "
+                      "swap-out forever and the processes waiting for that memory sleep "
+                      "uninterruptibly, so SIGTERM cannot stop them. Way out: %s. Each "
+                      "refusal is now held %.0f ms to spare the CPU.", name,
+                      storm.distinct_pages(), storm.refusals, exc.reason, "; or ".join(ways),
+                      storm.hold * 1000)
+        if storm.active(now):
+            await trio.sleep(storm.hold)
+        else:
+            self._warn_limited(name, "writes refused with ENOSPC", str(exc))
 
     def _warn_limited(self, name: str, what: str, detail: str) -> None:
         """Warn without flooding: a kernel retrying swap writes against a full device can
@@ -418,12 +451,34 @@ class CramOperations(pyfuse3.Operations):
         assert node.entry is not None
         if poll_handle is not None:
             handle.poll_handle = poll_handle
-        if node.entry.device.watermarks.generation != handle.seen_generation:
+        # Ready once a wake-up newer than what this handle last read has been delivered: a
+        # dropped interrupt really leaves the poller asleep (the file still reads the truth).
+        if node.entry.device.interrupts.generation > handle.seen_generation:
             return POLL_CHANGED
         return 0
 
     def _state_changed(self, name: str, old, new) -> None:
         log.warning("%s: watermark state %s -> %s", name, old.value, new.value)
+        device = self._device(name)
+        generation = device.watermarks.generation
+        delay = device.interrupts.raised()
+        if delay is None:
+            log.info("%s: watermark interrupt dropped (interrupts.drop_rate)", name)
+        elif delay > 0 and _in_trio():
+            trio.lowlevel.spawn_system_task(self._interrupt_later, name, generation, delay)
+        else:
+            device.interrupts.deliver(generation, late=False)
+            self._wake_pollers(name)
+
+    async def _interrupt_later(self, name: str, generation: int, delay: float) -> None:
+        await trio.sleep(delay)
+        self._device(name).interrupts.deliver(generation, late=True)
+        self._wake_pollers(name)
+
+    def _device(self, name: str):
+        return next(e.device for e in self.entries if e.name == name)
+
+    def _wake_pollers(self, name: str) -> None:
         for handle in list(self.handles.values()):
             if handle.poll_handle is not None and handle.node.entry is not None \
                     and handle.node.entry.name == name:

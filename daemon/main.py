@@ -81,7 +81,8 @@ def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
                          f"{exc.strerror}") from None
 
 
-RUNTIME_KEYS = ("low", "high", "policy", "failure_mode", "throttle_max_delay", "timing")
+RUNTIME_KEYS = ("low", "high", "policy", "failure_mode", "throttle_max_delay", "timing",
+                "interrupts", "no_alloc_on_full")
 RESTART_KEYS = ("size", "pool", "level", "huge_threshold", "zero_flush_interval")
 
 
@@ -250,13 +251,17 @@ class Daemon:
                 device.set_watermarks(low=spec.low, high=spec.high)
             elif key == "policy":
                 if not isinstance(device, ZswapDevice):
-                    device.policy = value
+                    device.set_policy(value)
             elif key == "failure_mode":
                 device.failure_mode = value
             elif key == "throttle_max_delay":
                 device.throttle_max_delay = value
             elif key == "timing":
                 device.timing = Timing(value)
+            elif key == "interrupts":
+                device.interrupts.configure(value)
+            elif key == "no_alloc_on_full":
+                device.no_alloc_on_full = value
             elif isinstance(device, ZswapDevice):
                 device.set_limits(**{key: value})
             log.info("reload: %s.%s = %s", name, key, getattr(value, "value", value))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
@@ -40,6 +41,7 @@ from daemon.devices import DeviceEntry
 OPS = ("read", "write")
 STATES = tuple(state.value for state in State)  # ok, pressure, full
 LOSS_MODES = ("drop", "poison")
+FATES = ("delivered", "delayed", "dropped")  # InterruptLine.stat()'s order
 
 # Request latency, 10 µs .. 1 s (a page from the pool is tens of µs; a throttled write up to
 # the throttle delay; anything past a second is a stall worth seeing in +Inf).
@@ -222,6 +224,21 @@ class Metrics:
                          "allocated blocks); should track cramfs_pool_used_bytes.")
         zero_pending = gauge("cramfs_zero_pending_bytes",
                              "Pool bytes of released pages waiting for the batched zero flush.")
+        safe = gauge("cramfs_safe_pages",
+                     "Pages of the present compressibility that still fit before the high "
+                     "watermark (0 while the allocation gate is closed).")
+        zratio = gauge("cramfs_zratio", "The ratio the device promises: size / pool capacity.")
+        balloon = gauge("cramfs_balloon_pages",
+                        "Advertised pages to withhold so the rest is backed at the achieved "
+                        "ratio.")
+        gate = gauge("cramfs_no_alloc", "1 while the allocation gate is closed.")
+        interrupts = counter("cramfs_interrupts",
+                             "Watermark wake-ups by fate: delivered (on time or late), delayed "
+                             "(delivered late), dropped (never delivered).", ("fate",))
+        storms = counter("cramfs_refusal_storms",
+                         "Refusal storms recognised: the same refused writes retried again "
+                         "and again.")
+        in_storm = gauge("cramfs_refusal_storm", "1 while a refusal storm is on.")
         injected = counter("cramfs_injected_errors",
                            "Requests failed on purpose by the configured error rate.", ("op",))
         objects = GaugeHistogramMetricFamily(
@@ -229,6 +246,7 @@ class Metrics:
             "Sizes of the objects stored in the pool now (huge pages count as 4096).",
             labels=["device"])
 
+        now = time.monotonic()
         for entry in entries:
             dev, name = entry.device, entry.name
             pool, wm, c = dev.pool, dev.watermarks, dev.counters
@@ -284,13 +302,22 @@ class Metrics:
             zero_pending.add_metric(d, dev.releasing_bytes)
             for op in OPS:
                 injected.add_metric([name, op], c.injected_errors.get(op, 0))
+            safe.add_metric(d, dev.safe_pages())
+            zratio.add_metric(d, dev.zratio())
+            balloon.add_metric(d, dev.balloon_pages())
+            gate.add_metric(d, int(dev.no_alloc))
+            for fate, count in zip(FATES, dev.interrupts.stat(), strict=True):
+                interrupts.add_metric([name, fate], count)
+            storms.add_metric(d, entry.storm.storms)
+            in_storm.add_metric(d, int(entry.storm.active(now)))
 
         yield from (info, size, capacity, used, used_max, stored, same, huge, compressed,
                     original, ratio, effective, efficiency, pressure, headroom, low, high, state,
                     changed, poisoned, requests, io_bytes, failed, invalid, released, discarded,
                     discards, rejected,
                     lost, throttled, throttle_s, events, compacted, huge_since, poor, limit_hit,
-                    written_back, objects, backing, resident, zero_pending, injected)
+                    written_back, objects, backing, resident, zero_pending, injected, safe,
+                    zratio, balloon, gate, interrupts, storms, in_storm)
         yield self._latency_family(names)
 
     def _latency_family(self, names: list[str]) -> HistogramMetricFamily:

@@ -469,8 +469,8 @@ def workload_command(mib: int, *, seed: int = 1, mix: str = "mixed", passes: int
 # -- the daemon -----------------------------------------------------------------------------
 
 def swap_config(size: str, pool: str, *, name: str = "swap0",
-                level: int = DEFAULT_LEVEL) -> str:
-    """The TOML of one swap device with the default watermarks (0.80/0.90, reject)."""
+                level: int = DEFAULT_LEVEL, policy: str = "reject") -> str:
+    """The TOML of one swap device with the default watermarks (0.80/0.90, ``policy``)."""
     return f"""
 [device.{name}]
 kind = "swap"
@@ -482,7 +482,7 @@ level = {level}
 [device.{name}.watermarks]
 low = 0.80
 high = 0.90
-policy = "reject"
+policy = "{policy}"
 """
 
 

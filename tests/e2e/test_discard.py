@@ -83,9 +83,9 @@ def test_blkdiscard_through_a_direct_io_loop_releases_pages(start_daemon, harnes
 def test_pool_empties_after_a_swap_workload_exits(start_daemon, memory_cgroup):
     """320 MiB of verifiable pages in a 128 MiB memcg through `cramfs swapon` (which turns on
     --discard=pages); every page checked; then the pool gives back what the kernel freed."""
-    daemon = start_daemon(swap_config("1G", "512M"))
+    daemon = start_daemon(swap_config("1G", "1G", policy="throttle"))
     proc = cramfs_cli("--mountpoint", str(daemon.mountpoint), "swapon", "swap0", "--priority",
-                      "32767", timeout=120)
+                      "32767", timeout=120)  # pool >= size, policy throttle: no --force needed
     assert proc.returncode == 0 and not proc.stderr, proc.stdout + proc.stderr
     loop = proc.stdout.strip()
     assert loop in swaps()

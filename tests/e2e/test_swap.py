@@ -43,7 +43,7 @@ MEMCG_LIMIT = 128 * MiB
 
 def cli_swapon(daemon, name: str = "swap0", priority: int = 32767) -> str:
     proc = cramfs_cli("--mountpoint", str(daemon.mountpoint), "swapon", name, "--priority",
-                      str(priority), timeout=120)
+                      str(priority), "--force", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     loop = loop_for(daemon.data(name))
     assert loop, f"no loop device on {daemon.data(name)}: {loop_devices()}"

@@ -15,8 +15,8 @@ MIB = 1 << 20
 
 
 def make_device(root, name: str, kind: str = "swap", disksize: int = 1 << 30,
-                pool: int = 256 * MIB, mm: tuple[int, ...] = (0,) * 9,
-                state: str = "ok", pressure: int = 0) -> None:
+                pool: int = 1 << 30, mm: tuple[int, ...] = (0,) * 9,
+                state: str = "ok", pressure: int = 0, policy: str = "throttle") -> None:
     path = root / name
     path.mkdir()
     mm_stat = tuple(mm) + (0,) * (9 - len(mm))
@@ -27,6 +27,7 @@ def make_device(root, name: str, kind: str = "swap", disksize: int = 1 << 30,
         "mm_stat": " ".join(f"{v:>8}" for v in mm_stat) + "\n",
         "watermark_state": f"{state}\n",
         "pressure": f"{pressure}\n",
+        "write_policy": f"{policy}\n",
         "data": "",
     }
     for file, content in files.items():
@@ -251,3 +252,29 @@ def test_main_swapon_no_discard_and_notes(mounted, commands, monkeypatch, capsys
 
 def test_loop_discards_reads_the_queue_limit(monkeypatch, tmp_path):
     assert cli.loop_discards("/dev/no-such-loop") is False
+
+
+@pytest.mark.parametrize("pool, policy, hazard", [
+    (1 << 30, "throttle", None), (1 << 30, "none", None), (1 << 30, "reject", "reject"),
+    (256 * MIB, "throttle", "smaller than its size"), (256 * MIB, "none", "pages are lost")])
+def test_swapon_on_a_device_that_can_refuse_needs_force(mounted, commands, pool, policy,
+                                                        hazard):
+    make_device(mounted, "swap0", pool=pool, policy=policy)
+    (mounted / "swap0" / "discard_support").write_text("0\n")
+    if hazard is None:
+        assert cli.swapon(mounted, "swap0", None) == "/dev/loop9"
+        return
+    with pytest.raises(CliError, match=hazard) as info:
+        cli.swapon(mounted, "swap0", None)
+    assert "--force" in str(info.value) and "retries a refused swap-out forever" in str(
+        info.value)
+    assert commands == []  # nothing attached
+    assert cli.swapon(mounted, "swap0", None, force=True) == "/dev/loop9"
+
+
+def test_main_swapon_explains_and_exits_1_without_force(mounted, commands, capsys):
+    make_device(mounted, "node0", "node", 512 * MIB, 16 * MIB, policy="reject")
+    assert cli.main(["--mountpoint", str(mounted), "swapon", "node0"]) == 1
+    (line,) = error_lines(capsys)
+    assert "can wedge the host" in line
+    assert cli.main(["--mountpoint", str(mounted), "swapon", "node0", "--force"]) == 0

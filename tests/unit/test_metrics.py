@@ -76,6 +76,13 @@ EXPECTED = {
     "cramfs_pool_resident_bytes": ("gauge", {"device"}),
     "cramfs_zero_pending_bytes": ("gauge", {"device"}),
     "cramfs_injected_errors": ("counter", {"device", "op"}),
+    "cramfs_safe_pages": ("gauge", {"device"}),
+    "cramfs_zratio": ("gauge", {"device"}),
+    "cramfs_balloon_pages": ("gauge", {"device"}),
+    "cramfs_no_alloc": ("gauge", {"device"}),
+    "cramfs_interrupts": ("counter", {"device", "fate"}),
+    "cramfs_refusal_storms": ("counter", {"device"}),
+    "cramfs_refusal_storm": ("gauge", {"device"}),
     "cramfs_stored_object_bytes": ("histogram", {"device"}),  # a gauge histogram
     "cramfs_stored_object_bytes_gcount": ("gauge", {"device"}),
     "cramfs_stored_object_bytes_gsum": ("gauge", {"device"}),
