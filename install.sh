@@ -47,10 +47,14 @@ pip=(.venv/bin/python -m pip)
 
 # True when .venv's pyfuse3 has the fallocate handler: Operations.fallocate (pure Python) and the
 # compiled fuse_fallocate_async, which only exists if the C was regenerated from the patched .pyx.
+# With an argument it says why not on stderr.
 has_fallocate() {
-    .venv/bin/python -c 'import pyfuse3, sys
-sys.exit(not (hasattr(pyfuse3.Operations, "fallocate")
-              and hasattr(pyfuse3, "fuse_fallocate_async")))' 2>/dev/null
+    local check='import pyfuse3, sys
+if not hasattr(pyfuse3.Operations, "fallocate"):
+    sys.exit(f"pyfuse3 {pyfuse3.__version__} has no Operations.fallocate")
+if not hasattr(pyfuse3, "fuse_fallocate_async"):
+    sys.exit(f"pyfuse3 {pyfuse3.__version__}: Operations.fallocate but no compiled handler")'
+    if (($#)); then .venv/bin/python -c "$check"; else .venv/bin/python -c "$check" 2>/dev/null; fi
 }
 
 build_pyfuse3() {
@@ -80,12 +84,19 @@ build_pyfuse3() {
     # No build isolation: the build uses .venv's pinned Cython. The pretend version stops
     # setuptools_scm from looking for version control and adds the local label.
     SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3=$PYFUSE3_BUILD_VERSION \
-        "${pip[@]}" install -q --no-build-isolation --force-reinstall --no-deps "$src" \
+        "${pip[@]}" wheel -q --no-build-isolation --no-deps -w "$build/dist" "$src" \
         || die "building the patched pyfuse3 failed (needs gcc, python3-dev, libfuse3-dev, pkg-config)"
+    local wheel
+    wheel=$(echo "$build"/dist/pyfuse3-*.whl)
+    [[ -f $wheel ]] || die "the pyfuse3 build left no wheel in $build/dist"
+    # Replace whatever pyfuse3 .venv has (a stock 3.5.0 too), then add its dependencies (trio).
+    "${pip[@]}" install -q --force-reinstall --no-deps "$wheel" \
+        && "${pip[@]}" install -q "$wheel" \
+        || die "could not install $wheel"
 
     rm -rf "$build"
     trap - EXIT
-    has_fallocate || die "the pyfuse3 just built has no fallocate handler"
+    has_fallocate verbose || die "the pyfuse3 just built has no fallocate handler"
     echo "built pyfuse3 $PYFUSE3_BUILD_VERSION in $((SECONDS - started))s"
 }
 
@@ -97,5 +108,6 @@ fi
 
 "${pip[@]}" install -q -e ".[$extras]" || die "pip install -e .[$extras] failed"
 # pip keeps the patched pyfuse3 (it satisfies pyfuse3==3.5.0); make sure it really did.
-has_fallocate || die "pip install -e .[$extras] replaced the patched pyfuse3 with one lacking fallocate"
+has_fallocate verbose \
+    || die "pip install -e .[$extras] replaced the patched pyfuse3 with one lacking fallocate"
 echo "installed: $(pwd)/.venv/bin/cramfsd and $(pwd)/.venv/bin/cramfs"
