@@ -1,0 +1,797 @@
+"""What-if replay: run a recorded trace through the device model under other settings.
+
+No mount, no root, no threads of our own: a replay is the device model fed the trace's
+records in order, on the trace's clock. Time-based behaviour (the zero flush, zswap's
+shrinker, time spent in each watermark state) follows the recorded times, and throttle delays
+are counted, never slept, so the same trace and settings give the same numbers every time.
+
+Variant 1 is the device as recorded; there the flushes and writeback batches the daemon
+logged are replayed where they happened, which reproduces the live device's final state
+exactly. A variant that changes what they depend on gets them synthesized on the trace clock
+instead, as the daemon's tasks would have run them. A key a variant sets is pinned: the
+trace's own changes to that key are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import math
+import os
+import tempfile
+import time
+import types
+import typing
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cramfs import PAGE_SHIFT
+from cramfs.device import CompressedDevice, Counters, DeviceConfig
+from cramfs.errors import BackingError, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.sizes import format_size, format_size_approx, parse_size
+from cramfs.trace import (
+    OP_DISCARD,
+    OP_EVENT,
+    OP_INIT,
+    OP_READ,
+    OP_WRITE,
+    STATUS_INVALID,
+    STATUS_IO_ERROR,
+    STATUS_OK,
+    STATUS_REJECTED,
+    RawRecord,
+    TraceError,
+    TraceReader,
+    decode_event,
+)
+from cramfs.watermarks import EVENT_NAMES, State, validate_marks
+from cramfs.zswap import (
+    DEFAULT_ACCEPT_THRESHOLD_PERCENT,
+    DEFAULT_MAX_POOL_PERCENT,
+    ZswapDevice,
+    validate_percents,
+)
+
+Settings = dict[str, Any]
+
+ZSWAP_KEYS = ("max_pool_percent", "accept_threshold_percent")
+# Not settable: the trace's offsets are for the recorded size; media shaping is not replayed
+# (the trace's times already include whatever delays the live device imposed).
+FIXED_KEYS = {"size": "the trace's offsets are for the recorded size",
+              "timing": "media timing is not replayed (the trace's times include it)"}
+# Tunables the trace may record that do not change what the device stores (how requests
+# and wake-ups are delayed): a replay skips them.
+NOT_REPLAYED = frozenset({"timing", "interrupts"})
+# Keys that leave pool use alone: a variant changing only these keeps the recorded
+# flushes and writeback batches. Anything else changes what those depend on.
+WRITE_CONTROL_KEYS = frozenset({"low", "high", "policy", "failure_mode",
+                                "throttle_max_delay"})
+WRITEBACK_BATCH = 64  # pages per shrinker call, as daemon/main.py's _shrinker
+SHRINKER_IDLE = 0.02  # seconds the daemon's shrinker sleeps when it has nothing to do
+# Trace seconds one writeback batch is taken to last when synthesized: bounds how many
+# batches fit between two records (64 pages decompressed and written to a file, ~1 ms).
+BATCH_SECONDS = 0.001
+MAX_POINTS = 2000  # timeline length bound; the sampling step doubles to stay under it
+FIRST_STEP = 0.01  # seconds of trace time between timeline points, to begin with
+GIB = 1 << 30
+MM_STAT_FIELDS = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
+                  "mem_used_max", "same_pages", "pages_compacted", "huge_pages",
+                  "huge_pages_since")
+IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
+TIMING_KEYS = ("cpu_seconds", "cpu_seconds_per_gib", "wall_seconds", "pages_per_second")
+
+
+class ReplayError(Exception):
+    """Bad settings or a trace replay cannot use; one line, naming the key or file."""
+
+
+# -- settings ---------------------------------------------------------------------------------
+def setting_types() -> dict[str, Any]:
+    """Every settable key and its type: DeviceConfig's fields of a type a command line can
+    spell (found at run time, so a field added later is settable without a change here) and
+    zswap's percentages."""
+    hints = typing.get_type_hints(DeviceConfig)
+    types_ = {f.name: hints[f.name] for f in dataclasses.fields(DeviceConfig)
+              if f.name not in FIXED_KEYS and _spellable(hints[f.name])}
+    types_.update(dict.fromkeys(ZSWAP_KEYS, int))
+    return types_
+
+
+def _spellable(kind: Any) -> bool:
+    """Can parse_value read this type from text?"""
+    if isinstance(kind, types.UnionType):
+        options = [m for m in typing.get_args(kind) if m is not type(None)]
+        return len(options) == 1 and _spellable(options[0])
+    return kind in (bool, int, float, str) or (isinstance(kind, type)
+                                               and issubclass(kind, enum.Enum))
+
+
+def parse_value(key: str, text: str, kind: Any) -> Any:
+    """A value as the config file would take it: sizes with K/M/G/T, numbers, enum names
+    (and ``none`` for a field that may be None)."""
+    members = typing.get_args(kind) if isinstance(kind, types.UnionType) else ()
+    if members:
+        if type(None) in members and text.lower() == "none":
+            return None
+        options = [m for m in members if m is not type(None)]
+        if len(options) != 1:
+            raise ReplayError(f"{key}: cannot be set in a replay")
+        kind = options[0]
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ReplayError(f"{key}: not a boolean: {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            raise ReplayError(f"{key}: {exc}") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ReplayError(f"{key}: not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise ReplayError(f"{key}: not a finite number: {text!r}")
+        return value
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(text)
+        except ValueError:
+            names = ", ".join(str(member.value) for member in kind)
+            raise ReplayError(f"{key}: must be one of {names}, got {text!r}") from None
+    if kind is str:
+        return text
+    raise ReplayError(f"{key}: cannot be set in a replay")
+
+
+def parse_settings(text: str) -> Settings:
+    """``"pool=64M,level=3"`` -> ``{"pool": 67108864, "level": 3}``; one variant."""
+    types = setting_types()
+    settings: Settings = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise ReplayError(f"--set {text!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        if key in FIXED_KEYS:
+            raise ReplayError(f"{key}: cannot be changed in a replay: {FIXED_KEYS[key]}")
+        if key not in types and key in {f.name for f in dataclasses.fields(DeviceConfig)}:
+            raise ReplayError(f"{key}: cannot be set in a replay (not a single value)")
+        if key not in types:
+            raise ReplayError(f"{key}: unknown setting (known: {', '.join(sorted(types))})")
+        if key in settings:
+            raise ReplayError(f"{key}: set twice in one variant")
+        settings[key] = parse_value(key, value, types[key])
+    return settings
+
+
+def settings_json(settings: Settings) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, enum.Enum) else value
+            for key, value in settings.items()}
+
+
+def label(settings: Settings) -> str:
+    """A variant's name in tables and plots."""
+    if not settings:
+        return "as recorded"
+    parts = []
+    for key, value in settings.items():
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 4096 \
+                and value % 1024 == 0:
+            value = format_size(value)
+        parts.append(f"{key}={value}")
+    return ",".join(parts)
+
+
+# -- building the device ----------------------------------------------------------------------
+def from_json(kind: Any, raw: Any) -> Any:
+    """A recorded JSON value back as the field's type: enums from their value, dataclasses
+    from their dict; a union (``int | None``) is taken as recorded."""
+    if raw is None or not isinstance(kind, type):
+        return raw
+    if dataclasses.is_dataclass(kind):
+        return kind(**raw) if isinstance(raw, dict) else raw
+    return kind(raw)
+
+
+def base_config(header: dict[str, Any]) -> tuple[DeviceConfig, list[str]]:
+    """The recorded DeviceConfig (tunables as they were when the trace began), and the
+    recorded keys this build does not know. Media timing is left out (see FIXED_KEYS)."""
+    recorded = header.get("config")
+    if not isinstance(recorded, dict):
+        raise ReplayError("the trace header has no device configuration")
+    hints = typing.get_type_hints(DeviceConfig)
+    names = {f.name for f in dataclasses.fields(DeviceConfig)}
+    values: dict[str, Any] = {}
+    for name in sorted(names - {"timing"}):
+        raw = recorded.get(name, header.get(name))
+        if raw is None:
+            continue
+        try:
+            values[name] = from_json(hints[name], raw)
+        except (TypeError, ValueError):
+            raise ReplayError(f"the trace header's {name} is not valid: {raw!r}") from None
+    try:
+        config = DeviceConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ReplayError(f"the trace header's configuration is not valid: {exc}") from None
+    return config, sorted(set(recorded) - names)
+
+
+def _split(settings: Settings) -> tuple[Settings, Settings]:
+    device = {k: v for k, v in settings.items() if k not in ZSWAP_KEYS}
+    zswap = {k: v for k, v in settings.items() if k in ZSWAP_KEYS}
+    return device, zswap
+
+
+def build_device(header: dict[str, Any], settings: Settings,
+                 workdir: Path) -> CompressedDevice:
+    """The device a variant runs on: the recorded one, changed by ``settings``; zswap's
+    backing file goes in ``workdir``."""
+    kind = header.get("kind")
+    device_settings, zswap_settings = _split(settings)
+    if zswap_settings and kind != "zswap":
+        key = next(iter(zswap_settings))
+        raise ReplayError(f"{key}: only for zswap devices (this trace is of a {kind} device)")
+    config, _ = base_config(header)
+    try:
+        config = dataclasses.replace(config, **device_settings)
+        validate_marks(config.low, config.high)
+    except (TypeError, ValueError) as exc:
+        raise ReplayError(f"{label(settings)}: {exc}") from None
+    if kind != "zswap":
+        return _construct(lambda: CompressedDevice(config), settings)
+    recorded = header.get("zswap") or {}
+    percents = {"max_pool_percent": recorded.get("max_pool_percent",
+                                                 DEFAULT_MAX_POOL_PERCENT),
+                "accept_threshold_percent": recorded.get("accept_threshold_percent",
+                                                         DEFAULT_ACCEPT_THRESHOLD_PERCENT)}
+    percents.update(zswap_settings)
+    try:
+        validate_percents(percents["max_pool_percent"], percents["accept_threshold_percent"])
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
+    backing = workdir / "backing.img"
+    return _construct(lambda: ZswapDevice(config, backing, **percents), settings)
+
+
+def _construct(make: typing.Callable[[], CompressedDevice],
+               settings: Settings) -> CompressedDevice:
+    try:
+        return make()
+    except (ValueError, TypeError, LookupError) as exc:  # the device refused a value
+        raise ReplayError(f"{label(settings)}: {exc}") from None
+
+
+def check_settings(header: dict[str, Any], settings: Settings) -> None:
+    """Build (and drop) the variant's device: every value the device would refuse is
+    refused here, before any replay starts."""
+    with tempfile.TemporaryDirectory(prefix="cramfs-replay-") as workdir:
+        build_device(header, settings, Path(workdir)).close()
+
+
+# -- the replay -------------------------------------------------------------------------------
+def _after(start: float, step: float, horizon: float) -> float:
+    """The first ``start + k * step`` (k >= 1) past ``horizon``."""
+    if horizon < start + step:
+        return start + step
+    return start + step * (math.floor((horizon - start) / step) + 1)
+
+
+class _Replay:
+    """One variant's run: the device, the trace clock and what the report needs."""
+
+    def __init__(self, device: CompressedDevice, header: dict[str, Any],
+                 settings: Settings) -> None:
+        self.device = device
+        self.pool = device.pool
+        self.watermarks = device.watermarks
+        self.pinned = set(settings)
+        logged = bool(header.get("background_events"))
+        self.flushes_recorded = logged and "zero_flush_interval" not in settings
+        self.writeback_recorded = logged and set(settings) <= WRITE_CONTROL_KEYS
+        self.zswap = device if isinstance(device, ZswapDevice) else None
+        self.flush_every = 0.0 if self.flushes_recorded else device.zero_flush_interval
+        self.next_flush = self.flush_every or math.inf
+        self.next_shrink = 0.0 if self.zswap and not self.writeback_recorded else math.inf
+        self.next_tick = min(self.next_flush, self.next_shrink)
+        self.now = 0.0
+        self.state_time = dict.fromkeys(State, 0.0)
+        self.timeline: list[tuple[float, int]] = []
+        self.step = FIRST_STEP
+        self.next_sample = 0.0
+        self.window_peak = 0  # frames
+        self.peak_frames = 0  # the pool's peak across mem_used_max resets
+        self.requests: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        self.ignored: Counter[str] = Counter()
+        self.synthesized: Counter[str] = Counter()
+        self.changed = 0  # requests whose outcome differs from the recorded one
+        self.cpu = 0.0
+        self.initial_pages = 0
+        self.initial_refused = 0  # snapshot pages this variant's device would not take
+        self.initial_done = False
+        self.relative = False  # counters count from the trace's start, not the device's
+        self.initial_state = header.get("initial") or {}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run_chunk(self, records: list[RawRecord]) -> None:
+        if not self.initial_done:
+            records = self._initial(records)
+        device, pool = self.device, self.pool
+        write, read, discard = self._write, self._read, self._discard
+        requests, nbytes = self.requests, self.bytes
+        started = time.process_time()
+        for op, status, t, offset, length, body in records:
+            if t > self.now:
+                self._advance(t)
+            if op == OP_WRITE:
+                got = write(device, offset, body)
+                requests["write"] += 1
+                nbytes["write"] += length
+            elif op == OP_READ:
+                got = read(device, offset, length)
+                requests["read"] += 1
+                nbytes["read"] += length
+            elif op == OP_DISCARD:
+                got = discard(device, offset, length)
+                requests["discard"] += 1
+                nbytes["discard"] += length
+            elif op == OP_EVENT:
+                assert body is not None
+                self._event(decode_event(body))
+                continue
+            else:
+                raise TraceError("initial-state record after the trace's first request")
+            if got != status:
+                self.changed += 1
+            if pool.used_frames > self.window_peak:
+                self.window_peak = pool.used_frames
+        self.cpu += time.process_time() - started
+
+    @staticmethod
+    def _write(device: CompressedDevice, offset: int, body: memoryview | None) -> int:
+        assert body is not None
+        try:
+            device.write(offset, body)
+        except WriteRejected:
+            return STATUS_REJECTED
+        except OutOfRange:
+            return STATUS_INVALID
+        except (PoisonedPage, BackingError):
+            return STATUS_IO_ERROR
+        return STATUS_OK
+
+    @staticmethod
+    def _read(device: CompressedDevice, offset: int, length: int) -> int:
+        try:
+            device.read(offset, length)
+        except OutOfRange:
+            return STATUS_INVALID
+        except PoisonedPage:
+            return STATUS_IO_ERROR
+        return STATUS_OK
+
+    @staticmethod
+    def _discard(device: CompressedDevice, offset: int, length: int) -> int:
+        try:
+            device.discard(offset, length)
+        except WriteRejected:
+            return STATUS_REJECTED
+        except OutOfRange:
+            return STATUS_INVALID
+        except (PoisonedPage, BackingError):
+            return STATUS_IO_ERROR
+        return STATUS_OK
+
+    def _initial(self, records: list[RawRecord]) -> list[RawRecord]:
+        """Apply the leading snapshot records (the device's contents when the trace began);
+        once a request follows, start the counters afresh: they are relative from here."""
+        for index, (op, _status, _t, offset, length, body) in enumerate(records):
+            if op != OP_INIT:
+                self._initial_end()
+                return records[index:]
+            if self._write(self.device, offset, body) != STATUS_OK:
+                self.initial_refused += length >> PAGE_SHIFT
+            self.initial_pages += length >> PAGE_SHIFT
+        return []
+
+    def _initial_end(self) -> None:
+        """Restore what writes cannot (poisoned and dropped pages, the allocation gate, the
+        watermark state as recorded, or as this variant's usage makes it), and make the
+        counters relative if the device had served requests before the trace began."""
+        self.initial_done = True
+        device, state = self.device, self.initial_state
+        device.poisoned.update(state.get("poisoned", ()))
+        device.lost.update(state.get("lost", ()))
+        if state.get("no_alloc"):
+            device.no_alloc = True
+        if self.zswap is not None:
+            self.zswap.limit_reached = bool(state.get("limit_reached", False))
+        recorded = state.get("watermark_state")
+        if not self.pinned and recorded in {s.value for s in State}:
+            self.watermarks.state = State(recorded)
+        else:
+            self.watermarks.update(self.pool.used_bytes)
+        self.relative = bool(self.initial_pages or state.get("requests_before"))
+        if self.relative:
+            device.counters = Counters()
+            self.watermarks.events = dict.fromkeys(EVENT_NAMES, 0)
+            self.pool.pages_compacted = 0
+            device.reset_max()
+
+    # -- the trace clock --------------------------------------------------------------------
+    def _advance(self, t: float) -> None:
+        """Move the clock to ``t``: account the time in the current state, run the synthesized
+        flush and shrinker ticks due by then, take a timeline point."""
+        while self.next_tick <= t:
+            self._account(self.next_tick)
+            self._tick(t)
+        self._account(t)
+        if t >= self.next_sample:
+            self._sample(t)
+
+    def _account(self, t: float) -> None:
+        if t > self.now:
+            self.state_time[self.watermarks.state] += t - self.now
+            self.now = t
+
+    def _tick(self, t: float) -> None:
+        """Run what is due at ``next_tick``, with the device as the records before ``t`` left
+        it; nothing else changes it before ``t``, so ticks that could only repeat the same
+        no-op are skipped."""
+        tick = self.next_tick
+        if tick >= self.next_flush:
+            self.device.flush_releases()
+            self.synthesized["flush"] += 1
+            # Nothing is parked again before the record at t: skip the empty flushes.
+            self.next_flush = _after(tick, self.flush_every, t)
+        if tick >= self.next_shrink:
+            self.next_shrink = self._shrink(tick, t)
+        self.next_tick = min(self.next_flush, self.next_shrink)
+
+    def _shrink(self, tick: float, t: float) -> float:
+        """One step of zswap's shrink worker (daemon/main.py's _shrinker) on the trace clock:
+        a batch of WRITEBACK_BATCH pages when the pool is above the accept threshold, the
+        next one BATCH_SECONDS later; otherwise it checks again SHRINKER_IDLE later. Returns
+        when it runs next."""
+        zswap = self.zswap
+        assert zswap is not None
+        if zswap.needs_writeback():
+            self.synthesized["writeback"] += 1
+            if zswap.writeback(max_pages=WRITEBACK_BATCH):
+                return tick + BATCH_SECONDS
+        return _after(tick, SHRINKER_IDLE, t)
+
+    def _sample(self, t: float) -> None:
+        """One timeline point: the pool's peak since the last point. The step doubles (pairs
+        of points merged) whenever the timeline would pass MAX_POINTS."""
+        used = self.pool.used_frames
+        self.timeline.append((t, max(self.window_peak, used) << PAGE_SHIFT))
+        self.window_peak = used
+        self.next_sample = t + self.step
+        if len(self.timeline) > MAX_POINTS:
+            points = self.timeline
+            self.timeline = [(points[i][0], max(points[i][1], points[i + 1][1]))
+                             for i in range(0, len(points) - 1, 2)]
+            self.step *= 2
+
+    # -- control records --------------------------------------------------------------------
+    def _event(self, fields: dict[str, Any]) -> None:
+        kind = str(fields.pop("kind", ""))
+        self.events[kind] += 1
+        device = self.device
+        if kind == "flush":
+            if self.flushes_recorded:
+                device.flush_releases()
+        elif kind == "writeback":
+            if self.writeback_recorded and self.zswap is not None:
+                self.zswap.writeback(max_pages=int(fields.get("max_pages", WRITEBACK_BATCH)))
+        elif kind == "compact":
+            device.compact()
+        elif kind == "reset_max":
+            self.peak_frames = max(self.peak_frames, self.pool.max_used_frames)
+            device.reset_max()
+        elif kind == "set":
+            self._set(fields)
+        elif kind == "fault":
+            self._fault(str(fields.get("op", "")))
+        else:
+            self.ignored[kind] += 1
+
+    def _set(self, fields: dict[str, Any]) -> None:
+        """A tunable changed on the live device (attribute file or SIGHUP), applied as the
+        daemon applies it: the watermarks together, zswap's limits, a ``set_<key>`` method
+        where the device has one, else the attribute. Keys the variant pins are skipped."""
+        device = self.device
+        todo = {k: v for k, v in fields.items() if k not in self.pinned}
+        low, high = todo.pop("low", None), todo.pop("high", None)
+        hints = typing.get_type_hints(DeviceConfig)
+        try:
+            if low is not None or high is not None:
+                device.set_watermarks(low=low, high=high)
+            for key, raw in todo.items():
+                value = from_json(hints[key], raw) if key in hints else raw
+                setter = getattr(device, f"set_{key}", None)
+                if key in ZSWAP_KEYS and self.zswap is not None:
+                    self.zswap.set_limits(**{key: int(value)})
+                elif key in NOT_REPLAYED:
+                    self.ignored[f"set {key}"] += 1
+                elif callable(setter):
+                    setter(value)
+                elif hasattr(device, key) and type(getattr(device, key)) is type(value):
+                    setattr(device, key, value)
+                else:
+                    self.ignored[f"set {key}"] += 1
+        except (TypeError, ValueError):
+            self.ignored["set (refused)"] += 1  # e.g. a recorded low above a pinned high
+
+    def _fault(self, op: str) -> None:
+        """An injected fault failed a request before it touched the device: count it."""
+        counters = self.device.counters
+        if op not in counters.injected_errors:
+            self.ignored[f"fault {op}"] += 1
+            return
+        counters.injected_errors[op] += 1
+        if op == "read":
+            counters.failed_reads += 1
+        else:
+            counters.failed_writes += 1
+
+    # -- the end ----------------------------------------------------------------------------
+    def finish(self, end: float | None) -> None:
+        if not self.initial_done:
+            self._initial_end()
+        final = max(self.now, end or 0.0)
+        self._advance(final)
+        self.timeline.append((final, self.pool.used_bytes))
+
+
+def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> dict[str, Any]:
+    """One variant: the trace at ``path`` through a device built from its header and
+    ``settings``. Deterministic but for the CPU figures (TIMING_KEYS)."""
+    settings = dict(settings or {})
+    wall = time.perf_counter()
+    with TraceReader(path) as reader, \
+            tempfile.TemporaryDirectory(prefix="cramfs-replay-") as workdir:
+        header = reader.header
+        device = build_device(header, settings, Path(workdir))
+        try:
+            run = _Replay(device, header, settings)
+            for chunk in reader.chunks():
+                run.run_chunk(chunk)
+            run.finish(reader.end_time)
+            result = _report(run, settings)
+            result["trace"] = _trace_summary(reader, run)
+        finally:
+            device.close()
+    result["wall_seconds"] = time.perf_counter() - wall
+    pages = run.requests["write"] + run.requests["read"]
+    result["pages_per_second"] = ((run.bytes["write"] + run.bytes["read"]) >> PAGE_SHIFT) \
+        / result["wall_seconds"] if pages else 0.0
+    return result
+
+
+def _report(run: _Replay, settings: Settings) -> dict[str, Any]:
+    device = run.device
+    counters = device.counters
+    mm_stat = dict(zip(MM_STAT_FIELDS, device.mm_stat(), strict=True))
+    written = run.bytes["write"]
+    result: dict[str, Any] = {
+        "label": label(settings),
+        "settings": settings_json(settings),
+        "mm_stat": mm_stat,
+        "io_stat": dict(zip(IO_STAT_FIELDS, device.io_stat(), strict=True)),
+        "rejected_writes": dict(counters.rejected),
+        "lost_pages": counters.lost_writes + counters.poisoned_writes,
+        "lost_pages_by_mode": {"drop": counters.lost_writes, "poison": counters.poisoned_writes},
+        "poisoned_pages": sorted(device.poisoned),  # what <dev>/lost_pages would list
+        "dropped_pages": sorted(device.lost),
+        "watermark_events": dict(device.watermarks.events),
+        "final_state": device.watermarks.state.value,
+        "time_in_state": {state.value: seconds for state, seconds in run.state_time.items()},
+        "peak_pool_bytes": max(run.peak_frames, device.pool.max_used_frames) << PAGE_SHIFT,
+        "final_pool_bytes": device.used_bytes,
+        "pool_capacity_bytes": device.pool.capacity,
+        "low_bytes": device.watermarks.low_bytes(),
+        "high_bytes": device.watermarks.high_bytes(),
+        "effective_ratio": device.effective_ratio(),
+        "compression_ratio": device.compression_ratio(),
+        "throttled_writes": counters.throttled_writes,
+        "throttle_seconds": counters.throttle_seconds,
+        "written_back_pages": counters.written_back_pages,
+        "failed_reads": counters.failed_reads,
+        "failed_writes": counters.failed_writes,
+        "outcomes_changed": run.changed,
+        "relative_counters": run.relative,
+        "background": _background(run),
+        "synthesized_events": dict(run.synthesized),
+        "ignored_events": dict(run.ignored),
+        "counters": dataclasses.asdict(counters),
+        "cpu_seconds": run.cpu,
+        "cpu_seconds_per_gib": run.cpu / (written / GIB) if written else None,
+        "timeline": run.timeline,
+    }
+    if run.zswap is not None:
+        result["zswap"] = run.zswap.debugfs()
+    return result
+
+
+def _background(run: _Replay) -> dict[str, str]:
+    """Where the zero flushes and writeback batches came from: the trace, or the trace
+    clock."""
+    flush = "none" if not run.device.zero_flush_interval else \
+        "recorded" if run.flushes_recorded else "synthesized"
+    writeback = "none" if run.zswap is None else \
+        "recorded" if run.writeback_recorded else "synthesized"
+    return {"zero_flush": flush, "writeback": writeback}
+
+
+def _trace_summary(reader: TraceReader, run: _Replay) -> dict[str, Any]:
+    _, unknown = base_config(reader.header)
+    return {
+        "path": str(reader.path),
+        "header": reader.header,
+        "duration": max(run.now, reader.end_time or 0.0),
+        "requests": dict(run.requests),
+        "bytes": dict(run.bytes),
+        "events": dict(run.events),
+        "initial_pages": run.initial_pages,
+        "initial_refused_pages": run.initial_refused,
+        "truncated": reader.truncated,
+        "complete": reader.complete,
+        "unknown_settings": unknown,
+    }
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with TraceReader(path) as reader:
+        return reader.header
+
+
+def replay_all(path: str | os.PathLike[str], variants: list[Settings],
+               jobs: int | None = None) -> list[dict[str, Any]]:
+    """Every variant, checked first (a bad value fails before anything runs), then run in
+    parallel processes (at most ``jobs`` and the CPU count), each streaming the trace."""
+    header = read_header(path)
+    for settings in variants:
+        check_settings(header, settings)
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(len(variants), jobs or cpus, cpus))
+    if workers == 1:
+        return [replay(path, settings) for settings in variants]
+    with ProcessPoolExecutor(max_workers=workers) as executor:
+        return list(executor.map(replay, [path] * len(variants), variants))
+
+
+# -- output -----------------------------------------------------------------------------------
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """A variant's result for --json: without the timeline and the trace summary."""
+    return {k: v for k, v in result.items() if k not in ("timeline", "trace")}
+
+
+def as_json(results: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"trace": results[0]["trace"], "variants": [public(r) for r in results]}
+
+
+def _size(value: int) -> str:
+    return format_size_approx(value)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}"
+
+
+Cell = typing.Callable[[dict[str, Any]], str]
+COUNT_FIELDS = ("same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
+
+
+def _cell(section: str, key: str, show: typing.Callable[[Any], str] = str) -> Cell:
+    return lambda result: show(result[section][key])
+
+
+def _top(key: str, show: typing.Callable[[Any], str] = str) -> Cell:
+    return lambda result: show(result[key])
+
+
+def _per_gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _row_cells(results: list[dict[str, Any]]) -> list[tuple[str, Cell]]:
+    cells: list[tuple[str, Cell]] = [
+        (name, _cell("mm_stat", name, str if name in COUNT_FIELDS else _size))
+        for name in MM_STAT_FIELDS]
+    cells += [("peak pool", _top("peak_pool_bytes", _size)),
+              ("final pool", _top("final_pool_bytes", _size)),
+              ("effective ratio", _top("effective_ratio", "{:.2f}".format)),
+              ("compression ratio", _top("compression_ratio", "{:.3f}".format))]
+    cells += [(f"time {state.value} (s)", _cell("time_in_state", state.value, _seconds))
+              for state in State]
+    cells += [(f"events {edge}", _cell("watermark_events", edge)) for edge in EVENT_NAMES]
+    cells += [(f"rejected {reason}", _cell("rejected_writes", reason))
+              for reason in results[0]["rejected_writes"]]
+    cells += [("lost pages", _top("lost_pages")),
+              ("throttled writes", _top("throttled_writes")),
+              ("throttle (s)", _top("throttle_seconds", _seconds)),
+              ("written back pages", _top("written_back_pages")),
+              ("failed reads", _top("failed_reads")),
+              ("failed writes", _top("failed_writes")),
+              ("outcomes changed", _top("outcomes_changed")),
+              ("final state", _top("final_state")),
+              ("CPU s/GiB", _top("cpu_seconds_per_gib", _per_gib))]
+    return cells
+
+
+def render_table(results: list[dict[str, Any]]) -> str:
+    """The variants side by side, one column each, under a line about the trace."""
+    trace = results[0]["trace"]
+    header = trace["header"]
+    requests = ", ".join(f"{n} {op}s" for op, n in sorted(trace["requests"].items()))
+    lines = [f"trace {trace['path']}: {header.get('kind')} device {header.get('name')}, "
+             f"{trace['duration']:.3f} s, {requests or 'no requests'}, "
+             f"{_size(trace['bytes'].get('write', 0))} written"]
+    if trace["initial_pages"]:
+        lines.append(f"note: the device held {trace['initial_pages']} pages when the trace "
+                     "began; counters count from the trace's start")
+    if trace["truncated"]:
+        lines.append("note: the trace ends early (torn or not closed); replayed up to its "
+                     "last complete chunk")
+    rows = [("", [r["label"] for r in results])]
+    rows += [(name, [cell(r) for r in results]) for name, cell in _row_cells(results)]
+    width = max(len(name) for name, _ in rows)
+    widths = [max(len(values[i]) for _, values in rows) for i in range(len(results))]
+    for name, values in rows:
+        cells = "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True))
+        lines.append(f"{name.ljust(width)}  {cells}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def load_pyplot() -> Any:
+    """matplotlib's pyplot on a file backend, imported only when a plot is asked for."""
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError:
+        raise ReplayError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")
+
+
+def plot(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Pool use over trace time, one line per variant, with its low and high watermarks."""
+    plt = load_pyplot()
+    figure, axes = plt.subplots(figsize=(10, 5))
+    mib = float(1 << 20)
+    for index, result in enumerate(results):
+        color = f"C{index % 10}"
+        points = result["timeline"]
+        axes.plot([p[0] for p in points], [p[1] / mib for p in points], color=color,
+                  label=result["label"])
+        axes.axhline(result["high_bytes"] / mib, color=color, linestyle="--", linewidth=0.8)
+        axes.axhline(result["low_bytes"] / mib, color=color, linestyle=":", linewidth=0.8)
+    header = results[0]["trace"]["header"]
+    axes.set_title(f"{header.get('name')} ({header.get('kind')}): pool use; "
+                   "dashed = high, dotted = low watermark")
+    axes.set_xlabel("trace time (s)")
+    axes.set_ylabel("pool used (MiB)")
+    axes.legend(loc="best")
+    figure.tight_layout()
+    try:
+        figure.savefig(os.fspath(path), dpi=100)
+    except OSError as exc:
+        raise ReplayError(f"{path}: {exc.strerror}") from None
+    finally:
+        plt.close(figure)
