@@ -36,6 +36,7 @@ from cramfs.trace import (
     OP_DISCARD,
     OP_EVENT,
     OP_INIT,
+    OP_NAMES,
     OP_READ,
     OP_WRITE,
     STATUS_INVALID,
@@ -309,13 +310,17 @@ class _Replay:
         self.next_tick = min(self.next_flush, self.next_shrink)
         self.now = 0.0
         self.state_time = dict.fromkeys(State, 0.0)
+        self.state_since = 0.0
+        self.watermarks.subscribe(self._state_changed)
         self.timeline: list[tuple[float, int]] = []
         self.step = FIRST_STEP
         self.next_sample = 0.0
+        self.next_due = 0.0  # min(next_tick, next_sample)
         self.window_peak = 0  # frames
         self.peak_frames = 0  # the pool's peak across mem_used_max resets
-        self.requests: Counter[str] = Counter()
-        self.bytes: Counter[str] = Counter()
+        # requests per op code, and bytes per op code under -op
+        self.counts = dict.fromkeys((OP_READ, OP_WRITE, OP_DISCARD, -OP_READ, -OP_WRITE,
+                                     -OP_DISCARD), 0)
         self.events: Counter[str] = Counter()
         self.ignored: Counter[str] = Counter()
         self.synthesized: Counter[str] = Counter()
@@ -329,38 +334,41 @@ class _Replay:
 
     # -- the loop ---------------------------------------------------------------------------
     def run_chunk(self, records: list[RawRecord]) -> None:
+        """Apply one chunk's records. Kept lean: the clock is only looked after when a tick
+        or a timeline point is due; state time is kept by a watermark listener."""
         if not self.initial_done:
             records = self._initial(records)
         device, pool = self.device, self.pool
         write, read, discard = self._write, self._read, self._discard
-        requests, nbytes = self.requests, self.bytes
+        counts = self.counts
+        changed = 0
         started = time.process_time()
         for op, status, t, offset, length, body in records:
             if t > self.now:
-                self._advance(t)
+                if t >= self.next_due:
+                    self._advance(t)
+                else:
+                    self.now = t
             if op == OP_WRITE:
                 got = write(device, offset, body)
-                requests["write"] += 1
-                nbytes["write"] += length
             elif op == OP_READ:
                 got = read(device, offset, length)
-                requests["read"] += 1
-                nbytes["read"] += length
             elif op == OP_DISCARD:
                 got = discard(device, offset, length)
-                requests["discard"] += 1
-                nbytes["discard"] += length
             elif op == OP_EVENT:
                 assert body is not None
                 self._event(decode_event(body))
                 continue
             else:
                 raise TraceError("initial-state record after the trace's first request")
+            counts[op] += 1
+            counts[-op] += length
             if got != status:
-                self.changed += 1
+                changed += 1
             if pool.used_frames > self.window_peak:
                 self.window_peak = pool.used_frames
         self.cpu += time.process_time() - started
+        self.changed += changed
 
     @staticmethod
     def _write(device: CompressedDevice, offset: int, body: memoryview | None) -> int:
@@ -435,19 +443,20 @@ class _Replay:
 
     # -- the trace clock --------------------------------------------------------------------
     def _advance(self, t: float) -> None:
-        """Move the clock to ``t``: account the time in the current state, run the synthesized
-        flush and shrinker ticks due by then, take a timeline point."""
+        """Move the clock to ``t``, running the synthesized flush and shrinker ticks due by
+        then at their own times, and take a timeline point if one is due."""
         while self.next_tick <= t:
-            self._account(self.next_tick)
+            self.now = max(self.now, self.next_tick)
             self._tick(t)
-        self._account(t)
+        self.now = t
         if t >= self.next_sample:
             self._sample(t)
+        self.next_due = min(self.next_tick, self.next_sample)
 
-    def _account(self, t: float) -> None:
-        if t > self.now:
-            self.state_time[self.watermarks.state] += t - self.now
-            self.now = t
+    def _state_changed(self, old: State, new: State) -> None:
+        """Watermark listener: the state ``old`` lasted from its start until now."""
+        self.state_time[old] += self.now - self.state_since
+        self.state_since = self.now
 
     def _tick(self, t: float) -> None:
         """Run what is due at ``next_tick``, with the device as the records before ``t`` left
@@ -557,6 +566,8 @@ class _Replay:
             self._initial_end()
         final = max(self.now, end or 0.0)
         self._advance(final)
+        self.state_time[self.watermarks.state] += final - self.state_since
+        self.state_since = final
         self.timeline.append((final, self.pool.used_bytes))
 
 
@@ -579,9 +590,8 @@ def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> di
         finally:
             device.close()
     result["wall_seconds"] = time.perf_counter() - wall
-    pages = run.requests["write"] + run.requests["read"]
-    result["pages_per_second"] = ((run.bytes["write"] + run.bytes["read"]) >> PAGE_SHIFT) \
-        / result["wall_seconds"] if pages else 0.0
+    moved = run.counts[-OP_WRITE] + run.counts[-OP_READ]
+    result["pages_per_second"] = (moved >> PAGE_SHIFT) / result["wall_seconds"]
     return result
 
 
@@ -589,7 +599,7 @@ def _report(run: _Replay, settings: Settings) -> dict[str, Any]:
     device = run.device
     counters = device.counters
     mm_stat = dict(zip(MM_STAT_FIELDS, device.mm_stat(), strict=True))
-    written = run.bytes["write"]
+    written = run.counts[-OP_WRITE]
     result: dict[str, Any] = {
         "label": label(settings),
         "settings": settings_json(settings),
@@ -646,8 +656,10 @@ def _trace_summary(reader: TraceReader, run: _Replay) -> dict[str, Any]:
         "path": str(reader.path),
         "header": reader.header,
         "duration": max(run.now, reader.end_time or 0.0),
-        "requests": dict(run.requests),
-        "bytes": dict(run.bytes),
+        "requests": {name: run.counts[op] for op, name in OP_NAMES.items()
+                     if op in run.counts and run.counts[op]},
+        "bytes": {name: run.counts[-op] for op, name in OP_NAMES.items()
+                  if op in run.counts and run.counts[op]},
         "events": dict(run.events),
         "initial_pages": run.initial_pages,
         "initial_refused_pages": run.initial_refused,
