@@ -121,6 +121,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
               doc="peak pool use; write 0 to reset, as zram's mem_used_max"),
     Attribute("interrupt_stat", lambda e: _fields(e.device.interrupts.stat()),
               doc="watermark wake-ups: delivered delayed dropped"),
+    Attribute("refusal_storms", lambda e: f"{e.storm.storms}\n",
+              doc="refusal storms recognised: the same refused writes retried again and again"),
 )
 
 # The allocation gate: on swap and node devices (zswap never refuses a write).

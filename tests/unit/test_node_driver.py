@@ -13,17 +13,19 @@ import pytest
 import trio
 
 from cramfs import PAGE_SIZE
-from cramfs.device import REJECT_GATE, CompressedDevice, DeviceConfig
+from cramfs.device import REJECT_GATE, SAFE_RESERVE_BLOCKS, CompressedDevice, DeviceConfig
 from cramfs.errors import WriteRejected
 from cramfs.interrupts import InterruptConfig, InterruptLine
 from cramfs.storm import RefusalStorm
 from cramfs.watermarks import Policy, State
+from cramfs.zspool import MAX_FRAMES_PER_BLOCK
 from cramfs.zswap import ZswapDevice
 from daemon import config as configuration
 from daemon.devices import DeviceEntry
 from daemon.fs import CramOperations
 
 P = PAGE_SIZE
+RESERVE = SAFE_RESERVE_BLOCKS * MAX_FRAMES_PER_BLOCK * P
 
 
 def node(size: int = 1024 * P, pool: int = 128 * P, **kwargs) -> CompressedDevice:
@@ -45,7 +47,8 @@ def test_empty_node_promises_its_ratio():
     dev = node()
     assert dev.zratio() == 8.0
     assert dev.balloon_pages() == 0
-    assert dev.safe_pages() == int(0.75 * 128 * P * 8.0) // P  # headroom x promised ratio
+    # headroom, less the reserve of largest blocks, at the promised ratio
+    assert dev.safe_pages() == int((0.75 * 128 * P - RESERVE) * 8.0) // P
 
 
 def test_incompressible_data_inflates_the_balloon_and_shrinks_safe_pages():
@@ -53,7 +56,7 @@ def test_incompressible_data_inflates_the_balloon_and_shrinks_safe_pages():
     dev.write(0, rand(32))  # huge pages: ratio 1
     assert dev.effective_ratio() == pytest.approx(1.0)
     assert dev.balloon_pages() == (1024 * P - 128 * P) // P  # only the real pages are backed
-    assert dev.safe_pages() == (int(0.75 * 128 * P) - 32 * P) // P
+    assert dev.safe_pages() == (int(0.75 * 128 * P) - 32 * P - RESERVE) // P
 
 
 def test_well_compressing_data_keeps_the_balloon_empty():
@@ -61,7 +64,7 @@ def test_well_compressing_data_keeps_the_balloon_empty():
     dev.write(0, text(64))
     assert dev.effective_ratio() > dev.zratio()
     assert dev.balloon_pages() == 0  # the achieved ratio is capped at the promised one
-    expected = int(dev.headroom() * dev.effective_ratio()) // P
+    expected = int((dev.headroom() - RESERVE) * dev.effective_ratio()) // P
     assert dev.safe_pages() == expected > 0
 
 
