@@ -498,3 +498,26 @@ def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, str(path), "--set", "pool=32K", "--plot", str(png))
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_new_device_field_is_settable_without_code_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lead adds fields to DeviceConfig (compressor next): settings and the header are
+    mapped through the dataclass's own fields and type hints, so they just work."""
+    import cramfs.replay as replay_module
+
+    @dataclasses.dataclass
+    class WithCompressor(DeviceConfig):
+        compressor: str = "zstd"
+        batch: int | None = None
+
+    monkeypatch.setattr(replay_module, "DeviceConfig", WithCompressor)
+    assert parse_settings("compressor=lz4,batch=16M") == {"compressor": "lz4",
+                                                          "batch": 16 << 20}
+    assert parse_settings("batch=none") == {"batch": None}
+    config, unknown = replay_module.base_config(
+        {"compressor": "lzo", "config": {"size": 8 * P, "pool": 4 * P, "policy": "none",
+                                         "future_knob": 1}})
+    assert isinstance(config, WithCompressor)
+    assert config.compressor == "lzo" and config.policy is Policy.NONE
+    assert unknown == ["future_knob"]
