@@ -23,7 +23,7 @@ die() { echo "install.sh: error: $*" >&2; exit 1; }
 
 extras=daemon
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv patch util-linux kmod
-          procps)
+          procps liblzo2-dev)
 if [[ "${1:-}" == "--test" ]]; then
     extras=dev
     packages+=(fio stress-ng prometheus systemd)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cramfs.sizes import format_size_approx
 from daemon import config as configuration
+from daemon import estimate_cli
 
 COLUMNS = ("NAME", "KIND", "DISKSIZE", "POOL", "DATA", "COMPR", "USED", "RATIO", "STATE",
            "PRESSURE", "LOOP")
@@ -291,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "install-units":
             units.add_argument("--no-link", action="store_true",
                                help="do not symlink the binaries into --bindir")
+    estimate_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "estimate":
+        return estimate_cli.run(args)
     try:
         if args.command == "install-units":
             for path in install_units(args.root, args.bindir, not args.no_link):
