@@ -295,7 +295,8 @@ class _Replay:
     """One variant's run: the device, the trace clock and what the report needs."""
 
     def __init__(self, device: CompressedDevice, header: dict[str, Any],
-                 settings: Settings) -> None:
+                 settings: Settings, path: str | os.PathLike[str] = "<trace>") -> None:
+        self.path = os.fspath(path)
         self.device = device
         self.pool = device.pool
         self.watermarks = device.watermarks
@@ -360,7 +361,8 @@ class _Replay:
                 self._event(decode_event(body))
                 continue
             else:
-                raise TraceError("initial-state record after the trace's first request")
+                raise TraceError(f"{self.path}: corrupt trace (an initial-state record after "
+                                 "the first request)")
             counts[op] += 1
             counts[-op] += length
             if got != status:
@@ -581,7 +583,7 @@ def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> di
         header = reader.header
         device = build_device(header, settings, Path(workdir))
         try:
-            run = _Replay(device, header, settings)
+            run = _Replay(device, header, settings, path)
             for chunk in reader.chunks():
                 run.run_chunk(chunk)
             run.finish(reader.end_time)
