@@ -131,15 +131,25 @@ class Codec:
     measured here this beats multi_compress_to_buffer by ~1.6x on 4 KiB frames).
     """
 
-    def __init__(self, level: int = 1, huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
-                 threads: int = 2) -> None:
+    def __init__(self, level: int | None = 1, huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
+                 threads: int = 2, compressor: str = "zstd") -> None:
         if not 1 <= huge_threshold <= PAGE_SIZE:
             raise ValueError(f"huge_threshold must be 1..{PAGE_SIZE}, got {huge_threshold}")
-        self.level = level
         self.huge_threshold = huge_threshold
         self.threads = max(1, threads)
-        self._local = _ThreadContexts(page_parameters(level))
+        self.compressor = compressor
         self._workers: ThreadPoolExecutor | None = None
+        # zstd keeps its own contexts here (page parameters, the batch decoder); the other
+        # compressors of zram's set come through cramfs.compressors, one page at a time.
+        self._other = None
+        if compressor == "zstd":
+            self.level = 1 if level is None else level
+            self._local = _ThreadContexts(page_parameters(self.level))
+        else:
+            from cramfs.compressors import make, validate  # compressors imports this module
+
+            self.level = validate(compressor, level)
+            self._other = make(compressor, self.level)
 
     def encode_pages(self, data: bytes | memoryview) -> list[Encoded]:
         """Encode a whole number of pages. Safe to call from several threads at once."""
@@ -168,6 +178,10 @@ class Codec:
     def decode_pages(self, pages: list) -> list[bytes]:
         """Pages of a read plan, (state, value) each, back to bytes. Pure; safe on any
         thread."""
+        if self._other is not None:
+            decompress = self._other.decompress
+            return [decompress(value) if state == COMPRESSED else _uncompressed(state, value)
+                    for state, value in pages]
         decompressor = self._local.decompressor
         return [_inflate(decompressor, value) if state == COMPRESSED
                 else _uncompressed(state, value) for state, value in pages]
@@ -178,7 +192,7 @@ class Codec:
         loop per core). Its batch decoder wants standard frames, so each stored magicless frame
         gets zstd's 4-byte magic number back in front on the way in."""
         compressed = [value for state, value in pages if state == COMPRESSED]
-        if len(compressed) < PARALLEL_BATCH_PAGES or self.threads < 2:
+        if len(compressed) < PARALLEL_BATCH_PAGES or self.threads < 2 or self._other:
             return b"".join(self.decode_pages(pages))
         segments = frame_segments([len(payload) + len(_FRAME_MAGIC) for payload in compressed])
         try:
@@ -211,13 +225,19 @@ class Codec:
         word = same_fill(page)
         if word is not None:
             return Encoded(SAME, b"", word)
-        compressed = self._local.compressor.compress(page)
+        if self._other is None:
+            compressed = self._local.compressor.compress(page)
+        else:
+            compressed = self._other.compress(page)
         if len(compressed) < self.huge_threshold:
             return Encoded(COMPRESSED, compressed)
         return Encoded(HUGE, page, poor=len(compressed) >= PAGE_SIZE)
 
     def decompress(self, payload: bytes) -> bytes:
-        """Inverse of a COMPRESSED payload; raises zstandard.ZstdError on corruption."""
+        """Inverse of a COMPRESSED payload; raises zstandard.ZstdError (or, for the other
+        compressors, cramfs.compressors.CompressorError) on corruption."""
+        if self._other is not None:
+            return self._other.decompress(payload)
         return _inflate(self._local.decompressor, payload)
 
     def close(self) -> None:

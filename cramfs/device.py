@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs import codec as enc
+from cramfs import compressors
 from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
@@ -35,7 +36,8 @@ SAFE_RESERVE_BLOCKS = 4  # headroom safe_pages keeps back, in the allocator's la
 class DeviceConfig:
     size: int  # advertised capacity, bytes
     pool: int  # real capacity, bytes
-    level: int = 1
+    level: int | None = None  # None: the compressor's default (zstd -1; lzo takes none)
+    compressor: str = "zstd"  # one of cramfs.compressors.NAMES
     low: float = 0.80
     high: float = 0.90
     policy: Policy = Policy.REJECT
@@ -60,6 +62,7 @@ class DeviceConfig:
             raise ValueError("size must be below 16 TiB")
         if not 0 <= self.zero_flush_interval <= 3600:
             raise ValueError("zero_flush_interval must be 0..3600 seconds")
+        self.level = compressors.validate(self.compressor, self.level)
 
 
 @dataclass
@@ -129,7 +132,8 @@ class CompressedDevice:
         self.config = config
         self.size = config.size
         self.pages = config.size >> PAGE_SHIFT
-        self.codec = Codec(config.level, config.huge_threshold, config.threads)
+        self.codec = Codec(config.level, config.huge_threshold, config.threads,
+                           config.compressor)
         self.pool = ZsPool(config.pool, largest_compressed=config.huge_threshold)
         self.pool.on_move = self._moved
         self.table = pt.PageTable(self.pages)

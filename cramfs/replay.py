@@ -247,6 +247,8 @@ def build_device(header: dict[str, Any], settings: Settings,
         key = next(iter(zswap_settings))
         raise ReplayError(f"{key}: only for zswap devices (this trace is of a {kind} device)")
     config, _ = base_config(header)
+    if "compressor" in device_settings and "level" not in device_settings:
+        device_settings["level"] = None  # another compressor: its own default level
     try:
         config = dataclasses.replace(config, **device_settings)
         validate_marks(config.low, config.high)

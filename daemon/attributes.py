@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from cramfs.compressors import NAMES, format_spec
 from cramfs.watermarks import FailureMode, Policy
+from daemon import recording
 from daemon.capabilities import discard_supported
 from daemon.devices import DeviceEntry
 
 Reader = Callable[[DeviceEntry], str]
 Writer = Callable[[DeviceEntry, str], None]
+# What a successful write records in a trace (daemon.recording): an event kind and its fields.
+Event = Callable[[DeviceEntry], tuple[str, dict[str, object]]]
+
+
+def _setting(key: str, value: Callable[[DeviceEntry], object]) -> Event:
+    return lambda entry: ("set", {key: value(entry)})
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,7 @@ class Attribute:
     write: Writer | None = None
     pollable: bool = False
     doc: str = ""
+    event: Event | None = None
 
 
 def _fields(values: tuple[int, ...]) -> str:
@@ -74,6 +84,20 @@ def _reset_max(entry: DeviceEntry, text: str) -> None:
     entry.device.reset_max()
 
 
+def _trace_state(entry: DeviceEntry) -> str:
+    return "off\n" if entry.trace is None else f"recording {entry.trace.path}\n"
+
+
+def _set_trace(entry: DeviceEntry, text: str) -> None:
+    command, _, path = text.partition(" ")
+    if command == "stop" and not path:
+        recording.stop(entry)
+    elif command == "start" and path.strip():
+        recording.start(entry, Path(path.strip()))
+    else:
+        raise ValueError("write 'start /absolute/path' or 'stop'")
+
+
 def _lost_pages(entry: DeviceEntry) -> str:
     device = entry.device
     lines = [f"{page} poisoned" for page in sorted(device.poisoned)]
@@ -81,8 +105,22 @@ def _lost_pages(entry: DeviceEntry) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def _comp_algorithm(entry: DeviceEntry) -> str:
+    """As zram's comp_algorithm: the algorithms offered, the device's in brackets."""
+    current = entry.device.codec.compressor
+    return " ".join(f"[{name}]" if name == current else name for name in NAMES) + "\n"
+
+
+def _algorithm(entry: DeviceEntry) -> str:
+    codec = entry.device.codec
+    return format_spec(codec.compressor, codec.level) + "\n"
+
+
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("kind", lambda e: e.kind + "\n", doc="swap, zswap or node"),
+    Attribute("comp_algorithm", _comp_algorithm,
+              doc="as zram's: the compressors offered, the device's in brackets"),
+    Attribute("algorithm", _algorithm, doc="the device's compressor and level, NAME[:LEVEL]"),
     Attribute("disksize", lambda e: f"{e.device.size}\n", doc="advertised capacity, bytes"),
     Attribute("pool_capacity", lambda e: f"{e.device.pool.capacity}\n",
               doc="real capacity of the pool, bytes"),
@@ -100,13 +138,17 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("headroom", lambda e: f"{e.device.headroom()}\n",
               doc="pool bytes that can still be placed before high"),
     Attribute("watermark_low", lambda e: f"{e.device.watermarks.low}\n", _set_low,
-              doc="fraction of the pool; pressure clears below it"),
+              doc="fraction of the pool; pressure clears below it",
+              event=_setting("low", lambda e: e.device.watermarks.low)),
     Attribute("watermark_high", lambda e: f"{e.device.watermarks.high}\n", _set_high,
-              doc="fraction of the pool; pressure rises above it"),
+              doc="fraction of the pool; pressure rises above it",
+              event=_setting("high", lambda e: e.device.watermarks.high)),
     Attribute("write_policy", lambda e: e.device.policy.value + "\n", _set_policy,
-              doc="reject, throttle or none"),
+              doc="reject, throttle or none",
+              event=_setting("policy", lambda e: e.device.policy.value)),
     Attribute("failure_mode", lambda e: e.device.failure_mode.value + "\n", _set_failure_mode,
-              doc="drop or poison (policy none, past the real capacity)"),
+              doc="drop or poison (policy none, past the real capacity)",
+              event=_setting("failure_mode", lambda e: e.device.failure_mode.value)),
     Attribute("zero_pending", lambda e: f"{e.device.releasing_bytes}\n",
               doc="pool bytes of released pages waiting for the zero flush"),
     Attribute("pool_resident", lambda e: f"{e.device.pool.resident_bytes()}\n",
@@ -116,9 +158,13 @@ ATTRIBUTES: tuple[Attribute, ...] = (
               doc="1 if discards (fallocate PUNCH_HOLE, ZERO_RANGE) reach the device"),
     Attribute("discarded_pages", lambda e: f"{e.device.counters.discarded_pages}\n",
               doc="whole pages released by discards (also in io_stat's notify_free)"),
-    Attribute("compact", None, _compact, doc="write 1: compact the pool now"),
+    Attribute("compact", None, _compact, doc="write 1: compact the pool now",
+              event=lambda e: ("compact", {})),
     Attribute("mem_used_max", lambda e: f"{e.device.pool.max_used_bytes}\n", _reset_max,
-              doc="peak pool use; write 0 to reset, as zram's mem_used_max"),
+              doc="peak pool use; write 0 to reset, as zram's mem_used_max",
+              event=lambda e: ("reset_max", {})),
+    Attribute("trace", _trace_state, _set_trace,
+              doc="off, or recording PATH; write 'start /abs/path' or 'stop' (cramfs trace)"),
     Attribute("interrupt_stat", lambda e: _fields(e.device.interrupts.stat()),
               doc="watermark wake-ups: delivered delayed dropped"),
     Attribute("refusal_storms", lambda e: f"{e.storm.storms}\n",
@@ -128,7 +174,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 # The allocation gate: on swap and node devices (zswap never refuses a write).
 GATE_ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("no_alloc", lambda e: f"{int(e.device.no_alloc)}\n", _set_no_alloc,
-              doc="1: every write that needs new pool space fails ENOSPC (reason gate)"),
+              doc="1: every write that needs new pool space fails ENOSPC (reason gate)",
+              event=_setting("no_alloc", lambda e: e.device.no_alloc)),
 )
 
 
@@ -160,10 +207,13 @@ ZSWAP_ATTRIBUTES: tuple[Attribute, ...] = tuple(
     Attribute(name, _zswap_counter(name), doc="as zswap's debugfs file of the same name")
     for name in ZSWAP_COUNTERS) + (
     Attribute("max_pool_percent", lambda e: f"{e.device.max_pool_percent}\n", _set_max_pool,
-              doc="share of the pool zswap may fill"),
+              doc="share of the pool zswap may fill",
+              event=_setting("max_pool_percent", lambda e: e.device.max_pool_percent)),
     Attribute("accept_threshold_percent", lambda e: f"{e.device.accept_threshold_percent}\n",
               _set_accept, doc="after the limit is hit, refuse until usage is below this "
-              "share of the limit"),
+              "share of the limit",
+              event=_setting("accept_threshold_percent",
+                             lambda e: e.device.accept_threshold_percent)),
     Attribute("backing_pages", lambda e: f"{e.device.backing_pages}\n",
               doc="pages living in the backing file"),
     Attribute("backing_allocated", lambda e: f"{e.device.backing.allocated_bytes()}\n",

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from cramfs.sizes import format_size_approx
 from daemon import config as configuration
-from daemon import estimate_cli
+from daemon import estimate_cli, replay_cli
 
-COLUMNS = ("NAME", "KIND", "DISKSIZE", "POOL", "DATA", "COMPR", "USED", "RATIO", "STATE",
-           "PRESSURE", "LOOP")
+COLUMNS = ("NAME", "KIND", "ALGORITHM", "DISKSIZE", "POOL", "DATA", "COMPR", "USED", "RATIO",
+           "STATE", "PRESSURE", "LOOP")
+LEFT = {"NAME", "KIND", "ALGORITHM", "STATE", "LOOP"}  # text columns; the rest are numbers
 
 
 class CliError(Exception):
@@ -71,14 +72,15 @@ def status(mountpoint: Path) -> str:
         orig, compr, used = mm[0], mm[1], mm[2]
         ratio = f"{orig / used:.2f}" if used else "-"
         loops = ",".join(loops_of(path / "data")) or "-"
-        rows.append((path.name, attr("kind"), format_size_approx(int(attr("disksize"))),
+        rows.append((path.name, attr("kind"), _read(path / "algorithm") or "-",
+                     format_size_approx(int(attr("disksize"))),
                      format_size_approx(int(attr("pool_capacity"))), format_size_approx(orig),
                      format_size_approx(compr), format_size_approx(used), ratio,
                      attr("watermark_state"), attr("pressure"), loops))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join(" ".join(str(v).rjust(w) if i and i not in (1, 8, 10) else
-                              str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths,
-                                                                             strict=True)))
+    left = [name in LEFT for name in COLUMNS]
+    return "\n".join(" ".join(str(v).ljust(w) if is_left else str(v).rjust(w)
+                              for v, w, is_left in zip(row, widths, left, strict=True))
                      .rstrip() for row in rows) + "\n"
 
 
@@ -148,6 +150,29 @@ def swapon(mountpoint: Path, name: str, priority: int | None, discard: bool = Tr
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
         raise
     return loop
+
+
+def trace(mountpoint: Path, name: str, action: str, file: Path | None) -> str:
+    """Start or stop recording through the device's ``trace`` file; returns its new state."""
+    control = device_dir(mountpoint, name) / "trace"
+    if not control.exists():
+        raise CliError(f"{name}: this daemon cannot record traces (no {control.name} file)")
+    if action == "start":
+        assert file is not None
+        file = file.absolute()
+        if not file.parent.is_dir():
+            raise CliError(f"{file.parent} is not a directory")
+        if _read(control).startswith("recording"):
+            raise CliError(f"{name} is already {_read(control)}; cramfs trace stop {name} first")
+        command = f"start {file}"
+    else:
+        command = "stop"
+    try:
+        control.write_text(command)
+    except OSError as exc:
+        raise CliError(f"{name}: the daemon refused {command!r} ({exc.strerror}); its log "
+                       "says why") from None
+    return _read(control)
 
 
 def _read(path: Path) -> str:
@@ -292,10 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         if command == "install-units":
             units.add_argument("--no-link", action="store_true",
                                help="do not symlink the binaries into --bindir")
+    tracer = commands.add_parser("trace", help="record a device's traffic for cramfs replay")
+    actions = tracer.add_subparsers(dest="action", required=True)
+    begin = actions.add_parser("start", help="start recording NAME into FILE")
+    begin.add_argument("name")
+    begin.add_argument("file", type=Path)
+    end = actions.add_parser("stop", help="stop recording NAME (the trace is then complete)")
+    end.add_argument("name")
     estimate_cli.add_parser(commands)
+    replay_cli.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "estimate":
         return estimate_cli.run(args)
+    if args.command == "replay":
+        return replay_cli.run(args)
     try:
         if args.command == "install-units":
             for path in install_units(args.root, args.bindir, not args.no_link):
@@ -323,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(swapoff(mountpoint, args.name)))
         elif args.command == "watch":
             watch(mountpoint, args.name, args.count)
+        elif args.command == "trace":
+            print(trace(mountpoint, args.name, args.action, args.file
+                        if args.action == "start" else None))
     except CliError as exc:
         print(f"cramfs: {exc}", file=sys.stderr)
         return 1

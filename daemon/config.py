@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cramfs import PAGE_SIZE
+from cramfs import PAGE_SIZE, compressors
 from cramfs.device import DeviceConfig
 from cramfs.interrupts import InterruptConfig
 from cramfs.sizes import parse_size
@@ -22,7 +22,7 @@ from cramfs.zswap import DEFAULT_ACCEPT_THRESHOLD_PERCENT, DEFAULT_MAX_POOL_PERC
 from daemon.devices import KINDS
 
 DEFAULT_PATH = Path("/etc/cramfs/cramfs.toml")
-COMPRESSORS = ("zstd",)
+COMPRESSORS = compressors.NAMES
 # zstd level when a device does not name one, chosen by measurement (tests/bench/levels.py and
 # compare.py --level, 64 MiB of real process pages): -1 ("fast 1") compresses 1 MiB writes
 # through FUSE ~18% faster than level 1 with ~17% less CPU, and its pool stays at ~0.79x of
@@ -31,7 +31,7 @@ COMPRESSORS = ("zstd",)
 DEFAULT_LEVEL = -1
 _TOP_KEYS = {"mountpoint", "metrics_address", "device"}
 _DEVICE_KEYS = {"kind", "size", "pool", "compressor", "level", "watermarks", "huge_threshold",
-                "zero_flush_interval", "timing", "interrupts"}
+                "zero_flush_interval", "timing", "interrupts", "trace"}
 _TIMING_KEYS = {"read_latency", "write_latency", "read_bandwidth", "write_bandwidth",
                 "read_error_rate", "write_error_rate", "seed"}
 _ZSWAP_KEYS = {"backing_file", "max_pool_percent", "accept_threshold_percent"}
@@ -51,6 +51,7 @@ class DeviceSpec:
     device: DeviceConfig
     compressor: str = "zstd"
     zswap: dict[str, Any] = field(default_factory=dict)
+    trace: Path | None = None  # record the device's traffic from start (cramfs replay)
 
 
 @dataclass
@@ -133,10 +134,17 @@ def _device(name: str, body: Any) -> DeviceSpec:
     pool = _size(body["pool"], f"{where}.pool")
     compressor = body.get("compressor", "zstd")
     if compressor not in COMPRESSORS:
-        raise ConfigError(f"{where}.compressor: {compressor!r} is not available (use zstd)")
-    level = body.get("level", DEFAULT_LEVEL)
-    if isinstance(level, bool) or not isinstance(level, int) or not -7 <= level <= 22:
-        raise ConfigError(f"{where}.level: must be an integer in -7..22, got {level!r}")
+        raise ConfigError(f"{where}.compressor: must be one of {', '.join(COMPRESSORS)}, "
+                          f"got {compressor!r}")
+    try:
+        compressors.make(compressor, None)  # its binding is installed
+    except compressors.CompressorUnavailable as exc:
+        raise ConfigError(f"{where}.compressor: {exc}") from None
+    level = body.get("level", DEFAULT_LEVEL if compressor == "zstd" else None)
+    try:
+        level = compressors.validate(compressor, level)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.level: {exc}") from None
     extra: dict[str, Any] = {}
     if "huge_threshold" in body:
         extra["huge_threshold"] = _int(body["huge_threshold"], f"{where}.huge_threshold",
@@ -168,7 +176,8 @@ def _device(name: str, body: Any) -> DeviceSpec:
                           f"got {gate!r}")
     extra["no_alloc_on_full"] = gate
     try:
-        config = DeviceConfig(size=size, pool=pool, level=level, low=float(low),
+        config = DeviceConfig(size=size, pool=pool, level=level, compressor=compressor,
+                              low=float(low),
                               high=float(high), policy=policy, failure_mode=mode,
                               throttle_max_delay=float(delay), **extra)
     except ValueError as exc:
@@ -176,7 +185,11 @@ def _device(name: str, body: Any) -> DeviceSpec:
     zswap: dict[str, Any] = {}
     if kind == "zswap":
         zswap = _zswap(body, where)
-    return DeviceSpec(name, kind, config, compressor, zswap)
+    trace = body.get("trace")
+    if trace is not None and (not isinstance(trace, str) or not trace.startswith("/")):
+        raise ConfigError(f"{where}.trace: must be an absolute path, got {trace!r}")
+    return DeviceSpec(name, kind, config, compressor, zswap,
+                      Path(trace) if trace is not None else None)
 
 
 def _zswap(body: dict, where: str) -> dict[str, Any]:

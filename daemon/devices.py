@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from cramfs.device import CompressedDevice
 from cramfs.storm import RefusalStorm
+from cramfs.trace import TraceWriter
 
 KINDS = ("swap", "zswap", "node")
 
@@ -16,3 +17,4 @@ class DeviceEntry:
     kind: str  # one of KINDS
     device: CompressedDevice
     storm: RefusalStorm = field(default_factory=RefusalStorm)  # the kernel's retry loop
+    trace: TraceWriter | None = None  # recording its traffic (daemon.recording)

@@ -22,7 +22,15 @@ import pyfuse3
 import trio
 
 from cramfs import PAGE_SIZE
-from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.errors import (
+    BackingError,
+    DeviceError,
+    InjectedFault,
+    OutOfRange,
+    PoisonedPage,
+    WriteRejected,
+)
+from daemon import recording
 from daemon.attributes import Attribute, attributes_for
 from daemon.devices import DeviceEntry
 
@@ -280,13 +288,23 @@ class CramOperations(pyfuse3.Operations):
         if size == 0:
             return b""
         shaped = device.timing.active  # latency, bandwidth or errors configured
+        entry = node.entry
         try:
-            if shaped:
-                device.inject_fault("read")
-            if size < THREAD_MIN_BYTES:
-                data = device.read(off, size)  # a swap-in page: kept short, see device.read
-            else:
-                plan = device.fetch(off, size)
+            try:
+                if shaped:
+                    device.inject_fault("read")
+                if size < THREAD_MIN_BYTES:
+                    data = device.read(off, size)  # a swap-in page: kept short (device.read)
+                    plan = None
+                else:
+                    plan = device.fetch(off, size)
+            except DeviceError as exc:
+                if entry.trace is not None:
+                    recording.request(entry, "read", off, size, exc)
+                raise
+            if entry.trace is not None:  # in the device's order: before any await
+                recording.request(entry, "read", off, size, None)
+            if plan is not None:
                 data = await trio.to_thread.run_sync(device.decode, plan, limiter=self.limiter)
         except PoisonedPage as exc:
             log.warning("%s: read of poisoned page %d", node.entry.name, exc.page)
@@ -312,18 +330,26 @@ class CramOperations(pyfuse3.Operations):
         started = time.perf_counter()
         shaped = device.timing.active
         large = len(buf) >= THREAD_MIN_BYTES
+        entry = node.entry
         try:
-            if shaped or large:  # an out-of-range request is EFBIG before any injected error
-                device.check_range(off, len(buf))
-            if shaped:
-                device.inject_fault("write")
-            if not large:
-                result = device.write(off, buf)  # a swap-out page: kept short, see device.write
-            else:
-                device.precheck_write(off, buf)
-                plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
-                                                     limiter=self.limiter)
-                result = device.commit_write(plan)
+            try:
+                if shaped or large:  # out of range is EFBIG before any injected error
+                    device.check_range(off, len(buf))
+                if shaped:
+                    device.inject_fault("write")
+                if not large:
+                    result = device.write(off, buf)  # a swap-out page: kept short
+                else:
+                    device.precheck_write(off, buf)
+                    plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
+                                                         limiter=self.limiter)
+                    result = device.commit_write(plan)
+            except DeviceError as exc:
+                if entry.trace is not None:
+                    recording.request(entry, "write", off, buf, exc)
+                raise
+            if entry.trace is not None:  # right after the commit, in the device's order
+                recording.request(entry, "write", off, buf, None)
         except OutOfRange:
             raise pyfuse3.FUSEError(errno.EFBIG) from None
         except WriteRejected as exc:
@@ -361,9 +387,16 @@ class CramOperations(pyfuse3.Operations):
         if mode not in DISCARD_MODES:
             log.debug("%s: fallocate mode %#x not supported", node.entry.name, mode)
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        name = node.entry.name
+        name, entry = node.entry.name, node.entry
         try:
-            node.entry.device.discard(offset, length)
+            try:
+                entry.device.discard(offset, length)
+            except DeviceError as exc:
+                if entry.trace is not None:
+                    recording.request(entry, "discard", offset, length, exc)
+                raise
+            if entry.trace is not None:
+                recording.request(entry, "discard", offset, length, None)
         except OutOfRange:
             raise pyfuse3.FUSEError(errno.EFBIG) from None
         except WriteRejected as exc:
@@ -435,6 +468,9 @@ class CramOperations(pyfuse3.Operations):
         try:
             text = buf.decode("ascii").strip()
             attribute.write(node.entry, text)
+            if attribute.event is not None and node.entry.trace is not None:
+                kind, fields = attribute.event(node.entry)
+                recording.event(node.entry, kind, **fields)
         except (ValueError, UnicodeDecodeError) as exc:
             log.info("%s/%s: rejected %r: %s", node.entry.name, attribute.name, buf[:64], exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None

@@ -22,7 +22,7 @@ from cramfs.device import CompressedDevice
 from cramfs.timing import Timing
 from cramfs.zswap import ZswapDevice
 from daemon import config as configuration
-from daemon import system
+from daemon import recording, system
 from daemon.capabilities import DISCARD_UNAVAILABLE, discard_supported
 from daemon.devices import DeviceEntry
 from daemon.fs import CramOperations
@@ -32,6 +32,7 @@ MAX_BACKGROUND = 64
 FUSE_WORKERS = 64
 FUSE_MIN_TASKS = 4
 SHRINKER_IDLE = 0.02  # seconds between checks of a zswap pool
+SHRINK_BATCH = 64  # pages a shrinker pass writes back at most, so FUSE requests interleave
 
 
 class UsageError(Exception):
@@ -83,7 +84,7 @@ def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
 
 RUNTIME_KEYS = ("low", "high", "policy", "failure_mode", "throttle_max_delay", "timing",
                 "interrupts", "no_alloc_on_full")
-RESTART_KEYS = ("size", "pool", "level", "huge_threshold", "zero_flush_interval")
+RESTART_KEYS = ("size", "pool", "compressor", "level", "huge_threshold", "zero_flush_interval")
 
 
 def reload_plan(old: configuration.Config, new: configuration.Config
@@ -109,6 +110,8 @@ def reload_plan(old: configuration.Config, new: configuration.Config
                 restart.append(f"device.{name}.{key}")
         if a.zswap.get("backing_file") != b.zswap.get("backing_file"):
             restart.append(f"device.{name}.backing_file")
+        if a.trace != b.trace:
+            restart.append(f"device.{name}.trace (use cramfs trace start/stop)")
         for key in RUNTIME_KEYS:
             if getattr(a.device, key) != getattr(b.device, key):
                 changes.append((name, key, getattr(b.device, key)))
@@ -123,9 +126,16 @@ class Daemon:
                  args: argparse.Namespace | None = None) -> None:
         self.config = config
         self.args = args  # re-applied on reload: command-line overrides win over the file
+        self.metrics = None
         self.entries = [DeviceEntry(spec.name, spec.kind, make_device(spec))
                         for spec in config.devices]
-        self.metrics = None
+        for spec, entry in zip(config.devices, self.entries, strict=True):
+            if spec.trace is not None:
+                try:
+                    recording.start(entry, spec.trace)
+                except ValueError as exc:
+                    self.close()
+                    raise UsageError(f"device.{spec.name}.trace: {exc}") from None
         self.ops = CramOperations(self.entries)
         self.stop_requested = False
         self.ops.on_idle = self._idle
@@ -205,6 +215,7 @@ class Daemon:
             await trio.sleep(entry.device.zero_flush_interval)
             freed = entry.device.flush_releases()
             if freed:
+                recording.event(entry, "flush")
                 log.debug("%s: zero flush returned %d pages", entry.name, freed)
 
     async def _shrinker(self, entry: DeviceEntry) -> None:
@@ -214,7 +225,10 @@ class Daemon:
         assert isinstance(device, ZswapDevice)
         while True:
             if device.needs_writeback():
-                if device.writeback(max_pages=64) == 0:
+                written = device.writeback(max_pages=SHRINK_BATCH)
+                # even a batch that wrote nothing aged the referenced bits: replay needs it
+                recording.event(entry, "writeback", max_pages=SHRINK_BATCH, written=written)
+                if written == 0:
                     await trio.sleep(SHRINKER_IDLE)  # nothing cold yet: let bits age
                 else:
                     await trio.sleep(0)
@@ -244,11 +258,13 @@ class Daemon:
             log.warning("reload: %s changed and needs a restart; keeping the running value", key)
         devices = {entry.name: entry.device for entry in self.entries}
         specs = {spec.name: spec for spec in new.devices}
+        entries = {entry.name: entry for entry in self.entries}
         for name, key, value in changes:
             device = devices[name]
             if key in ("low", "high"):
                 spec = specs[name].device
                 device.set_watermarks(low=spec.low, high=spec.high)
+                recording.event(entries[name], "set", low=spec.low, high=spec.high)
             elif key == "policy":
                 if not isinstance(device, ZswapDevice):
                     device.set_policy(value)
@@ -264,6 +280,8 @@ class Daemon:
                 device.no_alloc_on_full = value
             elif isinstance(device, ZswapDevice):
                 device.set_limits(**{key: value})
+            if key not in ("low", "high", "timing", "interrupts"):  # replay ignores the last two
+                recording.event(entries[name], "set", **{key: getattr(value, "value", value)})
             log.info("reload: %s.%s = %s", name, key, getattr(value, "value", value))
         # Remember the applied values; keep the running ones for what needs a restart.
         for spec in self.config.devices:
@@ -282,6 +300,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.close()
         for entry in self.entries:
+            recording.stop(entry)
             entry.device.close()
 
 

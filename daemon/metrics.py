@@ -140,8 +140,9 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, labels=["device", *labels])
 
-        info = InfoMetricFamily("cramfs_device", "A configured device and its kind (always 1).",
-                                labels=["device", "kind"])
+        info = InfoMetricFamily("cramfs_device", "A configured device: its kind, compressor "
+                                "and level (always 1).",
+                                labels=["device", "kind", "compressor", "level"])
         size = gauge("cramfs_device_size_bytes",
                      "Advertised capacity: the size of <dev>/data (what the device claims).")
         capacity = gauge("cramfs_pool_capacity_bytes",
@@ -251,7 +252,7 @@ class Metrics:
             dev, name = entry.device, entry.name
             pool, wm, c = dev.pool, dev.watermarks, dev.counters
             d = [name]
-            info.add_metric([name, entry.kind], {})
+            info.add_metric([name, entry.kind, dev.codec.compressor, str(dev.codec.level)], {})
             size.add_metric(d, dev.size)
             capacity.add_metric(d, pool.capacity)
             used.add_metric(d, pool.used_bytes)

@@ -187,10 +187,31 @@ def test_bad_zswap_keys(key, value):
     assert message.startswith((f"device.swap0.{key}:", "device.swap0.kind:"))
 
 
-@pytest.mark.parametrize("compressor", ['"lzo"', '"lz4"', '"ZSTD"', "1"])
-def test_compressor_other_than_zstd(compressor):
+@pytest.mark.parametrize("compressor", ['"lzo-rle"', '"842"', '"ZSTD"', "1", '""'])
+def test_unknown_compressor(compressor):
     body = f'kind = "swap"\nsize = "64M"\npool = "16M"\ncompressor = {compressor}\n'
-    assert error_of(device(body)).startswith("device.swap0.compressor:")
+    message = error_of(device(body))
+    assert message.startswith("device.swap0.compressor:") and "lz4hc" in message
+
+
+@pytest.mark.parametrize("compressor, level, expected", [
+    ("lz4", None, 1), ("lz4", 4, 4), ("lz4hc", None, 9), ("lzo", None, None),
+    ("deflate", 9, 9), ("zstd", None, DEFAULT_LEVEL)])
+def test_zram_compressors_and_their_levels(compressor, level, expected):
+    body = f'kind = "swap"\nsize = "64M"\npool = "16M"\ncompressor = "{compressor}"\n'
+    if level is not None:
+        body += f"level = {level}\n"
+    spec = configuration.parse(device(body)).devices[0]
+    assert (spec.compressor, spec.device.compressor, spec.device.level) == (
+        compressor, compressor, expected)
+
+
+@pytest.mark.parametrize("compressor, level", [("lzo", 1), ("lz4hc", 13), ("deflate", 0),
+                                               ("lz4", 0)])
+def test_bad_level_for_the_compressor(compressor, level):
+    body = (f'kind = "swap"\nsize = "64M"\npool = "16M"\ncompressor = "{compressor}"\n'
+            f"level = {level}\n")
+    assert error_of(device(body)).startswith("device.swap0.level:")
 
 
 @pytest.mark.parametrize("level", ["23", "-8", "1.0", '"1"', "true"])

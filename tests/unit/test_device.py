@@ -659,3 +659,32 @@ def test_discard_waits_for_the_zero_flush_when_the_device_batches_it():
     assert dev.flush_releases() == 4
     assert dev.pool.used_bytes == 0
     check(dev)
+
+
+# -- zram's other compressors ------------------------------------------------------------------
+
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "lz4hc", "lzo", "deflate"])
+def test_every_compressor_stores_and_reads_back(compressor):
+    dev = make(compressor=compressor, pool=512 * P)  # room for everything: no write control
+    reference = bytearray(dev.size)
+    rng = random.Random(9)
+    for _ in range(150):
+        offset, length = rng.randrange(dev.size - 8 * P), rng.randrange(1, 8 * P)
+        data = rng.choice([text(length, rng.randrange(99)), rand(length, rng.randrange(99)),
+                           word(rng.randrange(1, 9), 8)[:length], bytes(length)])
+        dev.write(offset, data)
+        reference[offset:offset + length] = data
+    check(dev, reference)
+    assert dev.codec.compressor == compressor
+    assert 0 < dev.compr_data_size < dev.pages_stored * P  # it compressed something
+    dev.close()
+
+
+def test_level_defaults_follow_the_compressor():
+    assert make(compressor="lzo").codec.level is None
+    assert make(compressor="lz4hc").codec.level == 9
+    assert make().codec.level == -1
+    with pytest.raises(ValueError, match="lzo takes no level"):
+        DeviceConfig(size=P, pool=P, compressor="lzo", level=1)
+    with pytest.raises(ValueError, match="unknown compressor"):
+        DeviceConfig(size=P, pool=P, compressor="lzo-rle")

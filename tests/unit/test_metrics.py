@@ -35,7 +35,7 @@ REQUIRE = os.environ.get("CRAMFS_REQUIRE_E2E") == "1"
 
 # family name (as the parser reports it) -> (type, label names besides "le")
 EXPECTED = {
-    "cramfs_device_info": ("gauge", {"device", "kind"}),
+    "cramfs_device_info": ("gauge", {"device", "kind", "compressor", "level"}),
     "cramfs_device_size_bytes": ("gauge", {"device"}),
     "cramfs_pool_capacity_bytes": ("gauge", {"device"}),
     "cramfs_pool_used_bytes": ("gauge", {"device"}),

@@ -324,3 +324,11 @@ def test_bad_interrupts_config_names_the_key(snippet, key):
     text = '[device.node0]\nkind = "node"\nsize = "64M"\npool = "8M"\n' + snippet
     with pytest.raises(configuration.ConfigError, match=key.replace(".", r"\.")):
         configuration.parse(text)
+
+
+def test_a_client_refused_all_over_a_full_device_is_no_storm():
+    storm = RefusalStorm()
+    rng = random.Random(4)
+    for i in range(3000):  # 100 refusals a second at random pages of a 256 MiB device
+        assert not storm.refused(rng.randrange(65536), rng.choice((1, 256)), now=i * 0.01)
+    assert storm.storms == 0
