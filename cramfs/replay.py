@@ -798,6 +798,12 @@ def plot(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
                   label=result["label"])
         axes.axhline(result["high_bytes"] / mib, color=color, linestyle="--", linewidth=0.8)
         axes.axhline(result["low_bytes"] / mib, color=color, linestyle=":", linewidth=0.8)
+    # Scale to the data: a watermark far above every variant's peak (a pool as large as the
+    # device) would flatten all the lines; such a line is left off the visible range.
+    peak = max((p[1] for result in results for p in result["timeline"]), default=0) / mib
+    marks = [result["high_bytes"] / mib for result in results]
+    top = max([peak] + [mark for mark in marks if mark <= 2 * peak])
+    axes.set_ylim(0, max(1.0, top * 1.15))
     header = results[0]["trace"]["header"]
     axes.set_title(f"{header.get('name')} ({header.get('kind')}): pool use; "
                    "dashed = high, dotted = low watermark")

@@ -1,0 +1,121 @@
+"""What recording costs the live device, and how fast a recording replays (cramfs trace/replay).
+
+    python tests/bench/trace_bench.py [--mib 64] [--rounds 3] [--seconds 10] [--data real]
+
+One cramfsd (as shipped, a swap device 4x the data with pool = size) behind a direct-io loop,
+the same pages compare.py uses. Alternating rounds, recording off then on: dd 1 MiB writes of
+the data, then fio random 4 KiB writes at iodepth 1 for --seconds. Medians, and the cost of
+recording against the targets (at most 15% of 4 KiB write throughput, 25% at 1 MiB). Then the
+speed of a replay of the last recorded round's trace against the live path on the same trace:
+pages per second the device saw live (the dd and fio requests, pages written and read, over
+their wall time) and pages per second `cramfs replay` gets through (its own figure; target:
+at least 5x).
+
+Needs root, /dev/fuse, loop devices, dd and fio. Undoes everything it set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import compare  # noqa: E402
+
+MiB = compare.MiB
+PAGE = compare.PAGE
+
+
+def trace_control(mountpoint: Path, command: str) -> None:
+    (mountpoint / "swap0" / "trace").write_text(command)
+
+
+def one_round(target: compare.Target, datafile: Path, nbytes: int, seconds: float,
+              mountpoint: Path, trace: Path | None) -> dict:
+    """dd 1 MiB writes, then fio 4 KiB writes; with ``trace``, recorded."""
+    if trace is not None:
+        trace_control(mountpoint, f"start {trace}")
+    started = time.perf_counter()
+    try:
+        seq = compare.dd(str(datafile), target.device, nbytes, "oflag=direct")
+        rand = compare.fio(target.device, "randwrite", 1, seconds, nbytes, 60)
+    finally:
+        if trace is not None:
+            trace_control(mountpoint, "stop")
+    wall = time.perf_counter() - started
+    pages = nbytes // PAGE + rand["io_bytes"] // PAGE
+    return {"seq_write_mbs": seq, "rand_write_mbs": rand["mbs"], "pages": pages,
+            "live_pages_per_s": pages / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--data", choices=("real", "synthetic"), default="real")
+    args = parser.parse_args(argv)
+    nbytes = args.mib * MiB
+    cramfsd = str(Path(sys.executable).parent / "cramfsd")
+    data, _ = compare.make_data(args.data, nbytes)
+    results: dict[bool, list[dict]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="cramfs-trace-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        datafile = tmp / "data.bin"
+        datafile.write_bytes(data)
+        td = compare.Teardown()
+        try:
+            target = compare.setup_cramfs(tmp, 4 * args.mib, td, cramfsd,
+                                          compare.DEFAULT_LEVEL)
+            mountpoint = tmp / "cramfs" / "mnt"
+            last_trace = tmp / "round.trace"
+            for index in range(args.rounds):
+                for recording in (False, True):
+                    result = one_round(target, datafile, nbytes, args.seconds, mountpoint,
+                                       last_trace if recording else None)
+                    results[recording].append(result)
+                    compare.say(f"round {index + 1} recording={recording}: {result}")
+            trace_bytes = last_trace.stat().st_size
+            done = subprocess.run([sys.executable, "-m", "daemon.cli", "replay",
+                                   str(last_trace), "--json"], capture_output=True, text=True,
+                                  timeout=1200, cwd=HERE.parent.parent)
+            if done.returncode:
+                raise SystemExit(f"replay failed: {done.stderr}")
+            replayed = json.loads(done.stdout)["variants"][0]
+        finally:
+            td.close()
+    report(results, replayed, trace_bytes)
+    return 0
+
+
+def report(results: dict[bool, list[dict]], replayed: dict, trace_bytes: int) -> None:
+    def median(recording: bool, key: str) -> float:
+        return statistics.median(r[key] for r in results[recording])
+
+    print("\n| | recording off | recording on | cost | target |")
+    print("|---|---|---|---|---|")
+    for key, label, limit in (("seq_write_mbs", "1 MiB writes (MB/s)", 25),
+                              ("rand_write_mbs", "4 KiB writes QD1 (MB/s)", 15)):
+        off, on = median(False, key), median(True, key)
+        cost = (off - on) / off * 100
+        verdict = "PASS" if cost <= limit else "MISS"
+        print(f"| {label} | {off:.1f} | {on:.1f} | {cost:.1f}% | <= {limit}%: {verdict} |")
+    live = results[True][-1]["live_pages_per_s"]
+    speed = replayed["pages_per_second"]
+    verdict = "PASS" if speed >= 5 * live else "MISS"
+    print(f"| pages/s, live (recorded round) vs replay | {live:.0f} | {speed:.0f} | "
+          f"{speed / live:.1f}x | >= 5x: {verdict} |")
+    print(f"\ntrace of the last round: {trace_bytes / MiB:.1f} MiB for "
+          f"{results[True][-1]['pages'] * PAGE / MiB:.0f} MiB written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
