@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 OPS = ("read", "write")
@@ -43,7 +44,8 @@ class TimingConfig:
 
 
 class Timing:
-    def __init__(self, config: TimingConfig, clock=time.monotonic) -> None:
+    def __init__(self, config: TimingConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.active = config.active  # False: no latency, bandwidth or errors to apply
         self._clock = clock
@@ -51,14 +53,14 @@ class Timing:
         self._random = random.Random(config.seed)
 
     def should_fail(self, op: str) -> bool:
-        rate = getattr(self.config, f"{op}_error_rate")
+        rate: float = getattr(self.config, f"{op}_error_rate")
         return rate > 0 and self._random.random() < rate
 
     def delay(self, op: str, nbytes: int) -> float:
         """Seconds to hold this request's reply: latency plus its turn on the media."""
         config = self.config
-        latency = getattr(config, f"{op}_latency")
-        bandwidth = getattr(config, f"{op}_bandwidth")
+        latency: float = getattr(config, f"{op}_latency")
+        bandwidth: int = getattr(config, f"{op}_bandwidth")
         if not bandwidth:
             return latency
         now = self._clock()

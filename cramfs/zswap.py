@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from cramfs import PAGE_SIZE
-from cramfs import codec as enc
 from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
 from cramfs.codec import Encoded
@@ -81,7 +80,7 @@ class ZswapDevice(CompressedDevice):
         self.max_pool_percent, self.accept_threshold_percent = max_pool, accept
 
     def _pool_accepts(self, item: Encoded) -> bool:
-        if item.kind == enc.HUGE:
+        if item.kind == pt.HUGE:  # the codec's kinds are the page table's states
             self.counters.reject_compress_poor += 1
             return False
         # As the kernel's zswap_check_limits(): every store that finds the pool at its limit

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cramfs.compressors import NAMES, format_spec
 from cramfs.watermarks import FailureMode, Policy
+from cramfs.zswap import ZswapDevice
 from daemon import recording
 from daemon.capabilities import discard_supported
 from daemon.devices import DeviceEntry
@@ -185,8 +186,16 @@ ZSWAP_COUNTERS = ("pool_limit_hit", "reject_reclaim_fail", "reject_alloc_fail",
                   "stored_incompressible_pages")
 
 
+def _zswap(entry: DeviceEntry) -> ZswapDevice:
+    """The zswap device behind a zswap-only file (the registry gives these files to no other
+    kind)."""
+    device = entry.device
+    assert isinstance(device, ZswapDevice), f"{entry.name} is not a zswap device"
+    return device
+
+
 def _zswap_counter(name: str) -> Reader:
-    return lambda entry: f"{entry.device.debugfs()[name]}\n"
+    return lambda entry: f"{_zswap(entry).debugfs()[name]}\n"
 
 
 def _percent(text: str) -> int:
@@ -196,27 +205,32 @@ def _percent(text: str) -> int:
 
 
 def _set_max_pool(entry: DeviceEntry, text: str) -> None:
-    entry.device.set_limits(max_pool_percent=_percent(text))
+    _zswap(entry).set_limits(max_pool_percent=_percent(text))
 
 
 def _set_accept(entry: DeviceEntry, text: str) -> None:
-    entry.device.set_limits(accept_threshold_percent=_percent(text))
+    _zswap(entry).set_limits(accept_threshold_percent=_percent(text))
+
+
+def _backing_allocated(entry: DeviceEntry) -> str:
+    backing = _zswap(entry).backing
+    return f"{backing.allocated_bytes() if backing is not None else 0}\n"
 
 
 ZSWAP_ATTRIBUTES: tuple[Attribute, ...] = tuple(
     Attribute(name, _zswap_counter(name), doc="as zswap's debugfs file of the same name")
     for name in ZSWAP_COUNTERS) + (
-    Attribute("max_pool_percent", lambda e: f"{e.device.max_pool_percent}\n", _set_max_pool,
+    Attribute("max_pool_percent", lambda e: f"{_zswap(e).max_pool_percent}\n", _set_max_pool,
               doc="share of the pool zswap may fill",
-              event=_setting("max_pool_percent", lambda e: e.device.max_pool_percent)),
-    Attribute("accept_threshold_percent", lambda e: f"{e.device.accept_threshold_percent}\n",
+              event=_setting("max_pool_percent", lambda e: _zswap(e).max_pool_percent)),
+    Attribute("accept_threshold_percent", lambda e: f"{_zswap(e).accept_threshold_percent}\n",
               _set_accept, doc="after the limit is hit, refuse until usage is below this "
               "share of the limit",
               event=_setting("accept_threshold_percent",
-                             lambda e: e.device.accept_threshold_percent)),
+                             lambda e: _zswap(e).accept_threshold_percent)),
     Attribute("backing_pages", lambda e: f"{e.device.backing_pages}\n",
               doc="pages living in the backing file"),
-    Attribute("backing_allocated", lambda e: f"{e.device.backing.allocated_bytes()}\n",
+    Attribute("backing_allocated", _backing_allocated,
               doc="bytes the backing file really occupies on disk"),
 )
 
