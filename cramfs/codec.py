@@ -31,6 +31,21 @@ _WORDS = struct.Struct("<Q")
 _FRAME_MAGIC = struct.pack("<I", 0xFD2FB528)  # what FORMAT_ZSTD1_MAGICLESS leaves out
 _PAGE_SIZE_ENTRY = array("Q", [PAGE_SIZE]).tobytes()  # one frame's decompressed size
 
+# A same-filled page (one 8-byte word repeated) compresses to at most 37 bytes in a magicless
+# zstd frame at any level from -7 to 22 (measured over random words), so a batch only checks
+# pages whose frame is this short for a repeated word (tests/unit/test_codec.py holds it).
+SAME_FILL_MAX_FRAME = 64
+
+_page_segments_cache: dict[int, bytes] = {}
+
+
+def page_segments(count: int) -> bytes:
+    """The BufferWithSegments table of ``count`` whole pages laid end to end (cached)."""
+    table = _page_segments_cache.get(count)
+    if table is None:
+        table = _page_segments_cache[count] = frame_segments([PAGE_SIZE] * count)
+    return table
+
 
 class Encoded:
     """One page ready for the pool: how it is stored and what is stored."""
@@ -162,6 +177,44 @@ class Codec:
             return self._spread(self._encode_range, data, count)
         return self._encode_range(data, 0, count)
 
+    def encode_batch(self, data: bytes | memoryview) -> list[Encoded]:
+        """``encode_pages`` for the device's hot path: the same kinds, fills and lengths, but
+        COMPRESSED payloads are zstandard buffer segments and HUGE payloads memoryview slices
+        of ``data`` (no bytes object per page; both have len() and the buffer protocol). A
+        zstd batch is one multi_compress_to_buffer call, on ``threads`` C threads with no
+        Python per page; only pages whose frame is short enough to be a repeated word get
+        the same-fill check. Other compressors, and short batches, go page by page."""
+        count, rest = divmod(len(data), PAGE_SIZE)
+        if rest:
+            raise ValueError("encode_batch takes whole pages")
+        if count < PARALLEL_BATCH_PAGES or self._other is not None or self.threads < 2:
+            return self.encode_pages(data)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the HUGE payloads below must not change under the plan
+        frames = self._local.compressor.multi_compress_to_buffer(
+            zstandard.BufferWithSegments(data, page_segments(count)), threads=self.threads)
+        view = memoryview(data)
+        huge = self.huge_threshold
+        unpack = _WORDS.unpack_from
+        items = []
+        append = items.append
+        start = 0
+        for i in range(count):
+            frame = frames[i]
+            length = len(frame)
+            if length < SAME_FILL_MAX_FRAME:
+                page = data[start:start + PAGE_SIZE]
+                if page == page[:8] * (PAGE_SIZE // 8):
+                    append(Encoded(SAME, b"", unpack(page)[0]))
+                    start += PAGE_SIZE
+                    continue
+            if length < huge:
+                append(Encoded(COMPRESSED, frame))
+            else:
+                append(Encoded(HUGE, view[start:start + PAGE_SIZE], 0, length >= PAGE_SIZE))
+            start += PAGE_SIZE
+        return items
+
     def _spread(self, work, items, count: int) -> list:
         """Run ``work(items, start, end)`` over ``count`` items: the first share on the calling
         thread, the others on the persistent workers; results in order."""
@@ -215,6 +268,45 @@ class Codec:
             else:
                 parts.append(_uncompressed(state, value))
         return b"".join(parts)
+
+    @property
+    def batch_reads(self) -> bool:
+        """May the device hand this codec a gathered read (``inflate_runs``)?"""
+        return self._other is None
+
+    def inflate_runs(self, frames, runs: list, out: bytearray) -> None:
+        """Decompress gathered frames into ``out``: each run (frames start, frames end, out
+        start, out end) is magicless zstd frames laid end to end, each of one page; one
+        streaming call per run, no Python per page. Runs are shared between this thread and
+        the persistent workers (zstd releases the GIL). Raises zstandard.ZstdError if a run
+        does not decompress to exactly its pages (the caller then names the bad page)."""
+        if self.threads > 1 and len(runs) > 1:
+            self._spread(self._inflate_range, (frames, runs, out), len(runs))
+        else:
+            self._inflate_range((frames, runs, out), 0, len(runs))
+
+    def _inflate_range(self, work: tuple, first: int, end: int) -> list:
+        frames, runs, out = work
+        source, target = memoryview(frames), memoryview(out)
+        decompressor = self._local.decompressor
+        for start, stop, at, until in runs[first:end]:
+            reader = decompressor.stream_reader(source[start:stop], read_across_frames=True,
+                                                read_size=stop - start)
+            if reader.readinto(target[at:until]) != until - at or reader.read(1):
+                raise zstandard.ZstdError("a gathered run did not decompress to its pages")
+        return []
+
+    def check_frames(self, frames, runs: list) -> None:
+        """Decompress gathered frames one at a time (frames carry no lengths, so each is read
+        off a stream): raises the first corrupt frame's error."""
+        decompressor = self._local.decompressor
+        source = memoryview(frames)
+        for start, stop, at, until in runs:
+            reader = decompressor.stream_reader(source[start:stop], read_across_frames=False)
+            for _ in range((until - at) // PAGE_SIZE):
+                page = reader.read(PAGE_SIZE)
+                if len(page) != PAGE_SIZE:
+                    raise zstandard.ZstdError(f"decompressed to {len(page)} bytes, not a page")
 
     def _encode_range(self, data: bytes, first: int, end: int) -> list[Encoded]:
         return [self.encode_page(data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE])

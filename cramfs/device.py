@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cramfs import PAGE_SHIFT, PAGE_SIZE
+import zstandard
+
+from cramfs import PAGE_SHIFT, PAGE_SIZE, compressors
 from cramfs import codec as enc
-from cramfs import compressors
 from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
@@ -116,7 +117,14 @@ class WriteResult:
 class ReadPlan:
     offset: int
     length: int
-    pages: list  # per page: (state, payload bytes | fill word | None)
+    pages: list | None  # per page: (state, payload bytes | fill word | None)
+    # A gathered read (large, zstd): the whole pages already in place in ``out`` except the
+    # compressed ones, whose frames sit end to end in ``frames``, decompressed per run.
+    out: bytearray | None = None
+    frames: bytearray | None = None
+    runs: list | None = None  # (frames start, frames end, out start, out end)
+    first: int = 0  # first page index
+    buffer: bool = False  # decode may return ``out`` (or a view of it) rather than bytes
 
 
 RELEASED_OWNER = 0xFFFFFFFE  # pool owner of a released slot awaiting the zero flush
@@ -188,7 +196,7 @@ class CompressedDevice:
             pos = take
         whole = (length - pos) // PAGE_SIZE * PAGE_SIZE
         if whole:
-            pages.extend(self.codec.encode_pages(data[pos:pos + whole]))
+            pages.extend(self.codec.encode_batch(data[pos:pos + whole]))
             pos += whole
         if pos < length:
             pages.append((0, bytes(data[pos:])))
@@ -265,6 +273,16 @@ class CompressedDevice:
         self._recheck_full()
         if self.no_alloc and self._grows(first, encoded):
             self._refuse()
+        pool = self.pool
+        if (wm.state is State.OK and not self.no_alloc and self.backing is None
+                and pool.total_frames - pool.used_frames
+                >= len(encoded) + MAX_FRAMES_PER_BLOCK * min(len(encoded), len(pool.classes))):
+            # Nothing can refuse this write and every page is certain to fit: one pass.
+            self._place_fused(first, encoded)
+            counters.write_requests += 1
+            counters.written_bytes += plan.length
+            wm.update(pool.used_bytes)
+            return result
         if wm.state is not State.OK and self.policy is not Policy.NONE and self._grows(
                 first, encoded):
             if self.policy is Policy.REJECT:
@@ -391,6 +409,82 @@ class CompressedDevice:
             pending[index] = handle
             placed.append(handle)
         return placed
+
+    def _place_fused(self, first: int, encoded: list[Encoded]) -> None:
+        """Phase 1 and phase 2 in one pass over the pages, for a write that nothing can
+        refuse and that is certain to fit (commit_write checks both: the state is ok, the gate
+        open, no backing file, and the pool has a frame per page plus a fresh block per size
+        class free). Each page gets its new object and then gives up its old one, as zram does
+        page by page; the books end exactly as _place_all + _apply leave them."""
+        table, pool, counters = self.table, self.pool, self.counters
+        meta, loc = table.meta, table.loc
+        class_of, store, write, blocks = pool.class_of, pool.store, pool.write, pool._blocks
+        forget = self._forget
+        same_kind, huge_kind = enc.SAME, enc.HUGE
+        compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
+        shift, slot_bits = pt.STATE_SHIFT, 16
+        same_meta = pt.SAME << shift
+        defer_zero = bool(self.zero_flush_interval)
+        marked = bool(self.poisoned or self.lost)
+        referenced = self.referenced
+        stored = same = huge = compr = notify = huge_since = poor = 0
+        index = first
+        for item in encoded:
+            if marked:
+                self.poisoned.discard(index)
+                self.lost.discard(index)
+            m = meta[index]
+            if item.kind == same_kind:
+                fill = item.fill
+                if fill == 0:  # a release (our discard): the entry stays empty
+                    if m:
+                        forget(index, free=not defer_zero, defer=defer_zero)
+                        notify += 1
+                else:
+                    if m:
+                        forget(index, free=True)
+                    meta[index] = same_meta
+                    loc[index] = fill
+                    same += 1
+                    stored += 1
+                index += 1
+                continue
+            payload = item.payload
+            length = len(payload)
+            cls = class_of(length)
+            state = m >> shift
+            if state in (compressed_state, huge_state):
+                handle = loc[index]
+                if blocks[handle >> slot_bits].cls is cls:
+                    forget(index, free=False)
+                    write(handle, payload)
+                else:
+                    handle = store(cls, index, payload)
+                    forget(index, free=True)
+            else:
+                if m:
+                    forget(index, free=True)
+                handle = store(cls, index, payload)
+            if item.kind == huge_kind:
+                meta[index] = (huge_state << shift) | length
+                huge += 1
+                huge_since += 1
+                poor += item.poor
+            else:
+                meta[index] = (compressed_state << shift) | length
+            loc[index] = handle
+            if referenced is not None:
+                referenced[index] = 1
+            compr += length
+            stored += 1
+            index += 1
+        self.pages_stored += stored
+        self.same_pages += same
+        self.huge_pages += huge
+        self.compr_data_size += compr
+        counters.notify_free += notify
+        counters.huge_pages_since += huge_since
+        counters.reject_compress_poor += poor
 
     def _pool_accepts(self, item: Encoded) -> bool:
         """May this page go to the pool? (zswap's limit and hysteresis live here.)"""
@@ -630,12 +724,21 @@ class CompressedDevice:
             self.table.loc[owner] = new
 
     # -- reads --------------------------------------------------------------------------
-    def fetch(self, offset: int, length: int) -> ReadPlan:
-        """Copy what a read needs out of the pool (caller's thread, between commits)."""
+    def fetch(self, offset: int, length: int, out: bytearray | None = None,
+              buffer: bool = False) -> ReadPlan:
+        """Copy what a read needs out of the pool (caller's thread, between commits).
+        ``out``: a buffer of the read's whole pages (``reply_size``) the caller may hand in
+        for a large read to be decoded into, instead of a new one (a fresh megabyte costs
+        a page fault per page); its old contents do not matter. ``buffer``: decode may
+        return that buffer (the plan's ``out``) or a view of it instead of bytes."""
         self.check_range(offset, length)
         referenced = self.referenced
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1
+        if last - first + 1 >= enc.PARALLEL_BATCH_PAGES and self.codec.batch_reads:
+            plan = self._gather(offset, length, first, last + 1, out)
+            plan.buffer = buffer
+            return plan
         pages = []
         for index in range(first, last + 1):
             if index in self.poisoned:
@@ -648,8 +751,100 @@ class CompressedDevice:
         self.counters.read_bytes += length
         return ReadPlan(offset, length, pages)
 
+    @staticmethod
+    def reply_size(offset: int, length: int) -> int:
+        """Bytes of the whole pages a read of ``length`` at ``offset`` touches."""
+        if length <= 0:
+            return 0
+        return (((offset + length - 1) >> PAGE_SHIFT) - (offset >> PAGE_SHIFT) + 1) << PAGE_SHIFT
+
+    def _gather(self, offset: int, length: int, first: int, stop: int,
+                out: bytearray | None = None) -> ReadPlan:
+        """fetch for a large read: every page that needs no decompression is written straight
+        into the reply buffer (empty pages are its zeros), and the compressed ones are copied
+        out of the pool end to end, one run per stretch of consecutive compressed pages (cut
+        in the middle so two threads can share them)."""
+        table, pool = self.table, self.pool
+        meta, loc = table.meta, table.loc
+        poisoned, referenced = self.poisoned, self.referenced
+        blocks, arena = pool._blocks, pool._view
+        shift, mask, slot_bits, slot_mask = pt.STATE_SHIFT, pt.LENGTH_MASK, 16, 0xFFFF
+        compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
+        reused = out is not None and len(out) == (stop - first) << PAGE_SHIFT
+        if not reused:
+            out = bytearray((stop - first) << PAGE_SHIFT)
+        assert out is not None
+        zero = enc.ZERO_PAGE
+        frames = bytearray()
+        runs = []
+        run_start = run_at = -1  # frames offset and out offset of the open run
+        middle = first + (stop - first) // 2
+        at = 0
+        for index in range(first, stop):
+            if poisoned and index in poisoned:
+                self.counters.failed_reads += 1
+                raise PoisonedPage(index)
+            m = meta[index]
+            state = m >> shift
+            if state == compressed_state:
+                if run_start >= 0 and index == middle:
+                    runs.append((run_start, len(frames), run_at, at))
+                    run_start = -1
+                if run_start < 0:
+                    run_start, run_at = len(frames), at
+                handle = loc[index]
+                size = m & mask
+                block = blocks[handle >> slot_bits]
+                slot_at = (handle & slot_mask) * block.cls.size
+                within = slot_at & (PAGE_SIZE - 1)
+                base = (block.frames[slot_at >> PAGE_SHIFT] << PAGE_SHIFT) + within
+                if within + size <= PAGE_SIZE:
+                    frames += arena[base:base + size]
+                else:
+                    frames += pool.read(handle, size)
+            else:
+                if run_start >= 0:
+                    runs.append((run_start, len(frames), run_at, at))
+                    run_start = -1
+                if state == huge_state:
+                    out[at:at + PAGE_SIZE] = pool.read(loc[index], PAGE_SIZE)
+                elif state:
+                    item_state, value = self._page_item(index)
+                    out[at:at + PAGE_SIZE] = enc._uncompressed(item_state, value)
+                elif reused:
+                    out[at:at + PAGE_SIZE] = zero
+            if referenced is not None:
+                referenced[index] = 1
+            at += PAGE_SIZE
+        if run_start >= 0:
+            runs.append((run_start, len(frames), run_at, at))
+        self.counters.read_requests += 1
+        self.counters.read_bytes += length
+        return ReadPlan(offset, length, None, out, frames, runs, first)
+
+    def _inflate_plan(self, plan: ReadPlan) -> bytearray:
+        """The whole pages of a gathered plan. A run that fails to decompress is retried
+        page by page from the frames, so the error names the corrupt page as before."""
+        assert plan.out is not None and plan.runs is not None
+        try:
+            self.codec.inflate_runs(plan.frames, plan.runs, plan.out)
+        except (zstandard.ZstdError, ValueError):
+            self.codec.check_frames(plan.frames, plan.runs)  # raises the page's error
+            raise
+        return plan.out
+
     def decode(self, plan: ReadPlan) -> bytes:
-        """Decompress a fetched read. Pure; safe on any thread."""
+        """Decompress a fetched read. Pure; safe on any thread. For a plan fetched with
+        ``buffer=True`` the result may be the plan's reply buffer (a bytearray) or a
+        memoryview of it, without the copy into bytes."""
+        if plan.out is not None:
+            data = self._inflate_plan(plan)
+            start = plan.offset & (PAGE_SIZE - 1)
+            if not plan.buffer:
+                return bytes(memoryview(data)[start:start + plan.length])
+            if start == 0 and len(data) == plan.length:
+                return data  # type: ignore[return-value]  # bytes-like, as asked
+            return memoryview(data)[start:start + plan.length]  # type: ignore[return-value]
         data = self.codec.decode_joined(plan.pages)
         start = plan.offset & (PAGE_SIZE - 1)
         if start == 0 and len(data) == plan.length:
