@@ -37,6 +37,7 @@ from tests.e2e import helpers as h  # noqa: E402
 
 MiB = 1 << 20
 MB = 1e6
+EXTRA_ENV: dict[str, dict[str, str]] = {}  # daemon name -> environment added (--env)
 
 
 def config_text(mnt: Path, size_mib: int, compressor: str, level: int | None) -> str:
@@ -57,6 +58,7 @@ def start_daemon(name: str, src: Path | None, tmp: Path, size_mib: int, compress
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
+    env.update(EXTRA_ENV.get(name, {}))
     log = base / "cramfsd.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", "from daemon.main import main; main()",
@@ -133,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", type=Path, default=None,
                     help="reuse (or first save) the gathered pages in this file")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="extra environment for one daemon (new or old), e.g. "
+                    "new:MALLOC_TRIM_THRESHOLD_=67108864")
     args = ap.parse_args(argv)
+    for item in args.env:
+        name, _, pair = item.partition(":")
+        key, _, value = pair.partition("=")
+        EXTRA_ENV.setdefault(name, {})[key] = value
     if os.geteuid() != 0:
         raise SystemExit("seq_ab.py needs root (loop devices)")
     nbytes = args.mib * MiB
