@@ -11,11 +11,46 @@ import struct
 import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, cast
 
 import zstandard
 
 from cramfs import PAGE_SIZE
-from cramfs.pagetable import COMPRESSED, HUGE, SAME  # encodings share the table states
+
+# The encodings share the table states (re-exported: the device reads them as codec.SAME...).
+from cramfs.pagetable import COMPRESSED as COMPRESSED
+from cramfs.pagetable import HUGE as HUGE
+from cramfs.pagetable import SAME as SAME
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sized
+    from typing import Protocol, TypeAlias, TypeVar
+
+    from typing_extensions import Buffer
+
+    from cramfs.compressors import PageCompressor
+
+    _T = TypeVar("_T")
+    _R = TypeVar("_R")
+
+    class Segment(Buffer, Sized, Protocol):
+        """A zstandard BufferSegment as it is: its stub leaves out the buffer protocol the C
+        type has (memoryview(), b"".join() and slice assignment all take one)."""
+
+    class Segments(Protocol):
+        """A zstandard BufferWithSegmentsCollection (multi_(de)compress_to_buffer's result),
+        with its items typed as the buffers they are (see Segment)."""
+
+        def __getitem__(self, i: int, /) -> Segment: ...
+        def size(self) -> int: ...
+
+    # What an Encoded page carries: bytes, or from encode_batch a memoryview slice of the
+    # batch (HUGE) or a zstandard BufferSegment (COMPRESSED); all have len() and are buffers.
+    Payload: TypeAlias = bytes | memoryview | Segment
+    # One page of a read plan: (state, payload bytes | fill word | None), the state says which.
+    PlanItem: TypeAlias = tuple[int, Any]
+    # A gathered read's run: (frames start, frames end, out start, out end).
+    Run: TypeAlias = tuple[int, int, int, int]
 
 # zram stores a page raw ("huge") once its compressed form would land in zsmalloc's
 # largest size classes; with 4 KiB pages that cut-off (huge_class_size) is about 3.2 KiB.
@@ -52,7 +87,7 @@ class Encoded:
 
     __slots__ = ("kind", "payload", "fill", "poor")
 
-    def __init__(self, kind: int, payload: bytes, fill: int = 0, poor: bool = False) -> None:
+    def __init__(self, kind: int, payload: Payload, fill: int = 0, poor: bool = False) -> None:
         self.kind = kind  # SAME, COMPRESSED or HUGE
         self.payload = payload  # compressed bytes, the raw page (HUGE), b"" (SAME)
         self.fill = fill  # the repeated 8-byte word (SAME)
@@ -66,7 +101,8 @@ def same_fill(page: bytes) -> int | None:
     """The 8-byte word a page repeats, or None when it is not same-filled."""
     head = page[:8]
     if page == head * (PAGE_SIZE // 8):
-        return _WORDS.unpack(head)[0]
+        word: int = _WORDS.unpack(head)[0]
+        return word
     return None
 
 
@@ -112,10 +148,11 @@ def frame_segments(lengths: list[int]) -> bytes:
     return table.tobytes()
 
 
-def _uncompressed(state: int, value) -> bytes:
+def _uncompressed(state: int, value: Any) -> bytes:
     """A read-plan entry that needs no decompression: raw (HUGE), same-filled, or empty."""
     if state == HUGE:
-        return value
+        page: bytes = value
+        return page
     if state == SAME:
         return fill_page(value)
     return ZERO_PAGE
@@ -156,7 +193,8 @@ class Codec:
         self._workers: ThreadPoolExecutor | None = None
         # zstd keeps its own contexts here (page parameters, the batch decoder); the other
         # compressors of zram's set come through cramfs.compressors, one page at a time.
-        self._other = None
+        self._other: PageCompressor | None = None
+        self.level: int | None
         if compressor == "zstd":
             self.level = 1 if level is None else level
             self._local = _ThreadContexts(page_parameters(self.level))
@@ -191,12 +229,12 @@ class Codec:
             return self.encode_pages(data)
         if not isinstance(data, bytes):
             data = bytes(data)  # the HUGE payloads below must not change under the plan
-        frames = self._local.compressor.multi_compress_to_buffer(
-            zstandard.BufferWithSegments(data, page_segments(count)), threads=self.threads)
+        frames = cast("Segments", self._local.compressor.multi_compress_to_buffer(
+            zstandard.BufferWithSegments(data, page_segments(count)), threads=self.threads))
         view = memoryview(data)
         huge = self.huge_threshold
         unpack = _WORDS.unpack_from
-        items = []
+        items: list[Encoded] = []
         append = items.append
         start = 0
         for i in range(count):
@@ -215,7 +253,8 @@ class Codec:
             start += PAGE_SIZE
         return items
 
-    def _spread(self, work, items, count: int) -> list:
+    def _spread(self, work: Callable[[_T, int, int], list[_R]], items: _T,
+                count: int) -> list[_R]:
         """Run ``work(items, start, end)`` over ``count`` items: the first share on the calling
         thread, the others on the persistent workers; results in order."""
         if self._workers is None:
@@ -228,7 +267,7 @@ class Codec:
             out.extend(future.result())
         return out
 
-    def decode_pages(self, pages: list) -> list[bytes]:
+    def decode_pages(self, pages: list[PlanItem]) -> list[bytes]:
         """Pages of a read plan, (state, value) each, back to bytes. Pure; safe on any
         thread."""
         if self._other is not None:
@@ -239,7 +278,7 @@ class Codec:
         return [_inflate(decompressor, value) if state == COMPRESSED
                 else _uncompressed(state, value) for state, value in pages]
 
-    def decode_joined(self, pages: list) -> bytes:
+    def decode_joined(self, pages: list[PlanItem]) -> bytes:
         """``b"".join(decode_pages(pages))``. A large read is decompressed by zstd's own
         threads in one call, with no Python per page (measured: ~25% faster than one Python
         loop per core). Its batch decoder wants standard frames, so each stored magicless frame
@@ -248,18 +287,19 @@ class Codec:
         if len(compressed) < PARALLEL_BATCH_PAGES or self.threads < 2 or self._other:
             return b"".join(self.decode_pages(pages))
         segments = frame_segments([len(payload) + len(_FRAME_MAGIC) for payload in compressed])
+        pages_out: Segments | None
         try:
-            pages_out = self._local.batch_decompressor.multi_decompress_to_buffer(
+            pages_out = cast("Segments", self._local.batch_decompressor.multi_decompress_to_buffer(
                 zstandard.BufferWithSegments(_FRAME_MAGIC + _FRAME_MAGIC.join(compressed),
                                              segments),
-                decompressed_sizes=_PAGE_SIZE_ENTRY * len(compressed), threads=self.threads)
+                decompressed_sizes=_PAGE_SIZE_ENTRY * len(compressed), threads=self.threads))
         except (zstandard.ZstdError, ValueError):
             pages_out = None  # a corrupt frame: the page-by-page path names the error
         if pages_out is None or pages_out.size() != len(compressed) * PAGE_SIZE:
             return b"".join(self.decode_pages(pages))
         if len(compressed) == len(pages):
             return b"".join(pages_out[i] for i in range(len(compressed)))
-        parts = []
+        parts: list[bytes | Segment] = []
         next_compressed = 0
         for state, value in pages:
             if state == COMPRESSED:
@@ -274,7 +314,7 @@ class Codec:
         """May the device hand this codec a gathered read (``inflate_runs``)?"""
         return self._other is None
 
-    def inflate_runs(self, frames, runs: list, out: bytearray) -> None:
+    def inflate_runs(self, frames: bytearray, runs: list[Run], out: bytearray) -> None:
         """Decompress gathered frames into ``out``: each run (frames start, frames end, out
         start, out end) is magicless zstd frames laid end to end, each of one page; one
         streaming call per run, no Python per page. Runs are shared between this thread and
@@ -285,7 +325,8 @@ class Codec:
         else:
             self._inflate_range((frames, runs, out), 0, len(runs))
 
-    def _inflate_range(self, work: tuple, first: int, end: int) -> list:
+    def _inflate_range(self, work: tuple[bytearray, list[Run], bytearray], first: int,
+                       end: int) -> list[object]:
         frames, runs, out = work
         source, target = memoryview(frames), memoryview(out)
         decompressor = self._local.decompressor
@@ -296,7 +337,7 @@ class Codec:
                 raise zstandard.ZstdError("a gathered run did not decompress to its pages")
         return []
 
-    def check_frames(self, frames, runs: list) -> None:
+    def check_frames(self, frames: bytearray, runs: list[Run]) -> None:
         """Decompress gathered frames one at a time (frames carry no lengths, so each is read
         off a stream): raises the first corrupt frame's error."""
         decompressor = self._local.decompressor

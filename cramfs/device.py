@@ -12,6 +12,7 @@ and ``decode`` (decompress, any thread).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import zstandard
 
@@ -25,6 +26,9 @@ from cramfs.interrupts import InterruptConfig, InterruptLine
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
 from cramfs.zspool import MAX_FRAMES_PER_BLOCK, PoolExhausted, ZsPool
+
+if TYPE_CHECKING:
+    from cramfs.codec import PlanItem, Run
 
 REJECT_WATERMARK = "watermark"
 REJECT_FULL = "full"
@@ -104,7 +108,8 @@ class WritePlan:
     offset: int
     length: int
     first: int  # first page index
-    pages: list  # Encoded for a whole page, (offset in page, bytes) for a partial one
+    # Encoded for a whole page, (offset in page, bytes) for a partial one (first or last)
+    pages: list[Encoded | tuple[int, bytes]]
 
 
 @dataclass(slots=True)
@@ -117,12 +122,12 @@ class WriteResult:
 class ReadPlan:
     offset: int
     length: int
-    pages: list | None  # per page: (state, payload bytes | fill word | None)
+    pages: list[PlanItem] | None  # per page: (state, payload bytes | fill word | None)
     # A gathered read (large, zstd): the whole pages already in place in ``out`` except the
     # compressed ones, whose frames sit end to end in ``frames``, decompressed per run.
     out: bytearray | None = None
     frames: bytearray | None = None
-    runs: list | None = None  # (frames start, frames end, out start, out end)
+    runs: list[Run] | None = None  # (frames start, frames end, out start, out end)
     first: int = 0  # first page index
     buffer: bool = False  # decode may return ``out`` (or a view of it) rather than bytes
 
@@ -187,7 +192,7 @@ class CompressedDevice:
         if offset < 0 or offset + length > self.size:
             raise OutOfRange(f"write of {length} bytes at offset {offset} is outside the device")
         first = offset >> PAGE_SHIFT
-        pages: list = []
+        pages: list[Encoded | tuple[int, bytes]] = []
         pos = 0
         head = offset & (PAGE_SIZE - 1)
         if head and length:
@@ -341,7 +346,7 @@ class CompressedDevice:
     def _merge_partials(self, plan: WritePlan) -> list[Encoded]:
         pages = plan.pages
         if not pages or (isinstance(pages[0], Encoded) and isinstance(pages[-1], Encoded)):
-            return pages
+            return cast("list[Encoded]", pages)  # a partial page is only ever first or last
         out = list(pages)
         for i in (0, len(out) - 1):
             item = out[i]
@@ -354,7 +359,7 @@ class CompressedDevice:
             page = bytearray(self._page_bytes(index))
             page[start:start + len(chunk)] = chunk
             out[i] = self.codec.encode_pages(bytes(page))[0]
-        return out
+        return cast("list[Encoded]", out)
 
     def _grows(self, first: int, encoded: list[Encoded]) -> bool:
         """Does any page need a larger slot than it holds now (new pool space)?"""
@@ -492,7 +497,11 @@ class CompressedDevice:
 
     def _write_backing(self, index: int, item: Encoded) -> None:
         assert self.backing is not None
-        raw = item.payload if item.kind == enc.HUGE else self.codec.decompress(item.payload)
+        # From encode_batch the payload is a buffer (a memoryview slice, a zstd BufferSegment),
+        # not bytes: zstd's decompress and os.pwrite take any buffer, though Codec.decompress
+        # and BackingStore.write say bytes (other compressors' payloads are always bytes).
+        payload = cast("bytes", item.payload)
+        raw = payload if item.kind == enc.HUGE else self.codec.decompress(payload)
         self.backing.write(index, raw)
 
     def _undo(self, peak: int) -> None:
@@ -825,7 +834,7 @@ class CompressedDevice:
     def _inflate_plan(self, plan: ReadPlan) -> bytearray:
         """The whole pages of a gathered plan. A run that fails to decompress is retried
         page by page from the frames, so the error names the corrupt page as before."""
-        assert plan.out is not None and plan.runs is not None
+        assert plan.out is not None and plan.runs is not None and plan.frames is not None
         try:
             self.codec.inflate_runs(plan.frames, plan.runs, plan.out)
         except (zstandard.ZstdError, ValueError):
@@ -845,11 +854,12 @@ class CompressedDevice:
             if start == 0 and len(data) == plan.length:
                 return data  # type: ignore[return-value]  # bytes-like, as asked
             return memoryview(data)[start:start + plan.length]  # type: ignore[return-value]
-        data = self.codec.decode_joined(plan.pages)
+        assert plan.pages is not None  # fetch sets pages or out
+        joined = self.codec.decode_joined(plan.pages)
         start = plan.offset & (PAGE_SIZE - 1)
-        if start == 0 and len(data) == plan.length:
-            return data
-        return data[start:start + plan.length]
+        if start == 0 and len(joined) == plan.length:
+            return joined
+        return joined[start:start + plan.length]
 
     def read(self, offset: int, length: int) -> bytes:
         """``decode(fetch(offset, length))``, on this thread. A read inside one page (swap-in

@@ -17,9 +17,16 @@ import mmap
 import os
 from array import array
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs.sparse import allocated_bytes, punch_hole
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Protocol
+
+    from cramfs.codec import Payload
 
 FRAME = PAGE_SIZE
 CLASS_STEP = 16
@@ -65,6 +72,20 @@ class Block:
         self.used = 0
 
 
+if TYPE_CHECKING:
+    class BlockTable(Protocol):
+        """``ZsPool._blocks`` as it is used: a list indexed by block id, None where an id is
+        free. Indexing gives a Block: every handle the pool's callers hold (the page table,
+        a pending write, a parked release) names a live block, and only the scans over the
+        whole table (iteration) meet the free ids."""
+
+        def __getitem__(self, block_id: int, /) -> Block: ...
+        def __setitem__(self, block_id: int, block: Block | None, /) -> None: ...
+        def __iter__(self) -> Iterator[Block | None]: ...
+        def __len__(self) -> int: ...
+        def append(self, block: Block, /) -> None: ...
+
+
 class PoolExhausted(Exception):
     """No free slot and no free frame for a new block."""
 
@@ -94,7 +115,7 @@ class ZsPool:
                            CLASS_STEP))
         sizes = [s for s in sizes if s < PAGE_SIZE] + [PAGE_SIZE]
         self.classes = [SizeClass(i, s) for i, s in enumerate(sizes)]
-        self._blocks: list[Block | None] = []
+        self._blocks = cast("BlockTable", [])
         self._free_block_ids: list[int] = []
         # Called as on_move(owner, old_handle, new_handle) when compaction relocates an object.
         self.on_move: Callable[[int, int, int], None] = lambda owner, old, new: None
@@ -229,7 +250,7 @@ class ZsPool:
         offset = (handle & SLOT_MASK) * block.cls.size
         return block, offset >> PAGE_SHIFT, offset & (FRAME - 1)
 
-    def write(self, handle: int, data) -> None:
+    def write(self, handle: int, data: Payload) -> None:
         """Copy ``data`` (bytes or any contiguous buffer) into the slot of ``handle``."""
         block, index, within = self._span(handle)
         length = len(data)
@@ -245,7 +266,7 @@ class ZsPool:
             nxt = block.frames[index + 1] << PAGE_SHIFT
             self._view[nxt:nxt + length - first] = data[first:]
 
-    def store(self, cls: SizeClass, owner: int, data) -> int:
+    def store(self, cls: SizeClass, owner: int, data: Payload) -> int:
         """``alloc_in(cls, owner)`` then ``write`` of ``data``, in one call (the device's
         batch path); raises PoolExhausted like alloc_in."""
         partial = cls.partial
@@ -300,7 +321,7 @@ class ZsPool:
         """Pack a class into as few blocks as possible; returns frames freed."""
         if len(cls.partial) < 2:
             return 0
-        order = sorted(cls.partial, key=lambda b: self._blocks[b].used)  # type: ignore[union-attr]
+        order = sorted(cls.partial, key=lambda b: self._blocks[b].used)
         src_i, dst_i = 0, len(order) - 1
         freed = 0
         size = cls.size
