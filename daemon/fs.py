@@ -15,8 +15,9 @@ import os
 import select
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -33,6 +34,10 @@ from cramfs.errors import (
 from daemon import recording
 from daemon.attributes import Attribute, attributes_for
 from daemon.devices import DeviceEntry
+
+if TYPE_CHECKING:
+    from cramfs.device import CompressedDevice
+    from cramfs.watermarks import State
 
 log = logging.getLogger("cramfs.fs")
 
@@ -81,11 +86,14 @@ def _in_trio() -> bool:
     return True
 
 
-def _guarded(handler: Callable) -> Callable:
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(handler: _Handler) -> _Handler:
     """Map every failure of a handler to a FUSEError so the mount survives it."""
 
     @functools.wraps(handler)
-    async def wrapper(self: CramOperations, *args):
+    async def wrapper(self: CramOperations, *args: Any) -> Any:
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError:
@@ -94,7 +102,10 @@ def _guarded(handler: Callable) -> Callable:
             log.exception("%s failed; answering EIO", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    return wrapper
+    # Typed as the handler itself (its arguments pass straight through; pyfuse3 and the
+    # tests call handlers positionally, as the wrapper takes them), so mypy checks each
+    # handler's signature against pyfuse3.Operations.
+    return cast("_Handler", wrapper)
 
 
 class CramOperations(pyfuse3.Operations):
@@ -134,8 +145,11 @@ class CramOperations(pyfuse3.Operations):
             self._add_node(Node(len(self.nodes) + 1, attribute.name, directory.inode, entry,
                                 attribute))
         self.open_data[entry.name] = 0
-        entry.device.watermarks.subscribe(
-            lambda old, new, name=entry.name: self._state_changed(name, old, new))
+
+        def changed(old: State, new: State, name: str = entry.name) -> None:
+            self._state_changed(name, old, new)
+
+        entry.device.watermarks.subscribe(changed)
 
     def _node(self, inode: int) -> Node:
         node = self.nodes.get(inode)
@@ -181,11 +195,13 @@ class CramOperations(pyfuse3.Operations):
         return attrs
 
     @_guarded
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
     @_guarded
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if name == b".":
             return self._attrs(parent)
@@ -197,7 +213,9 @@ class CramOperations(pyfuse3.Operations):
         return self._attrs(self.nodes[inode])
 
     @_guarded
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -206,13 +224,15 @@ class CramOperations(pyfuse3.Operations):
         return self._attrs(node)
 
     @_guarded
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     @_guarded
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
         node = self._node(fh)
         for index, (name, inode) in enumerate(sorted(node.children.items())):
             if index < start_id:
@@ -222,7 +242,7 @@ class CramOperations(pyfuse3.Operations):
                 break
 
     @_guarded
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = PAGE_SIZE
         total = sum(e.device.pool.capacity for e in self.entries) // PAGE_SIZE
@@ -234,7 +254,8 @@ class CramOperations(pyfuse3.Operations):
 
     # -- open / release -------------------------------------------------------------------
     @_guarded
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -258,7 +279,7 @@ class CramOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
 
     @_guarded
-    async def release(self, fh):
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self.handles.pop(fh, None)
         if handle is None or not handle.node.is_data:
             return
@@ -268,16 +289,16 @@ class CramOperations(pyfuse3.Operations):
             self.on_idle()
 
     @_guarded
-    async def flush(self, fh):
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
     @_guarded
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         return None  # every accepted write is already in the pool
 
     # -- data -----------------------------------------------------------------------------
     @_guarded
-    async def read(self, fh, off, size):
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         node = handle.node
         assert node.entry is not None
@@ -347,7 +368,7 @@ class CramOperations(pyfuse3.Operations):
         self._reply_bytes += size
 
     @_guarded
-    async def write(self, fh, off, buf):
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         node = handle.node
         assert node.entry is not None
@@ -402,7 +423,8 @@ class CramOperations(pyfuse3.Operations):
         return len(buf)
 
     @_guarded
-    async def fallocate(self, fh, mode, offset, length):
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int,
+                        length: int) -> None:
         """The kernel's discard: the loop driver turns a discard into PUNCH_HOLE|KEEP_SIZE and
         a write-zeroes into ZERO_RANGE. Both release the range (device.discard); any other
         mode is EOPNOTSUPP and changes nothing. Never ENOSYS: the kernel would stop sending
@@ -507,7 +529,8 @@ class CramOperations(pyfuse3.Operations):
 
     # -- poll: the emulated watermark interrupt -------------------------------------------
     @_guarded
-    async def poll(self, inode, fh, poll_handle, ctx):
+    async def poll(self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT,
+                   poll_handle: pyfuse3.PollHandle | None, ctx: pyfuse3.RequestContext) -> int:
         handle = self._handle(fh)
         node = handle.node
         if node.attribute is None or not node.attribute.pollable:
@@ -521,7 +544,7 @@ class CramOperations(pyfuse3.Operations):
             return POLL_CHANGED
         return 0
 
-    def _state_changed(self, name: str, old, new) -> None:
+    def _state_changed(self, name: str, old: State, new: State) -> None:
         log.warning("%s: watermark state %s -> %s", name, old.value, new.value)
         device = self._device(name)
         generation = device.watermarks.generation
@@ -539,7 +562,7 @@ class CramOperations(pyfuse3.Operations):
         self._device(name).interrupts.deliver(generation, late=True)
         self._wake_pollers(name)
 
-    def _device(self, name: str):
+    def _device(self, name: str) -> CompressedDevice:
         return next(e.device for e in self.entries if e.name == name)
 
     def _wake_pollers(self, name: str) -> None:
