@@ -260,7 +260,7 @@ class CompressedDevice:
                 counters = self.counters
                 counters.write_requests += 1
                 counters.written_bytes += PAGE_SIZE
-                self.watermarks.update(self.pool.used_bytes)
+                self._settle()
                 return result
         return self.commit_write(WritePlan(index << PAGE_SHIFT, PAGE_SIZE, index, [item]))
 
@@ -286,7 +286,7 @@ class CompressedDevice:
             self._place_fused(first, encoded)
             counters.write_requests += 1
             counters.written_bytes += plan.length
-            wm.update(pool.used_bytes)
+            self._settle()
             return result
         if wm.state is not State.OK and self.policy is not Policy.NONE and self._grows(
                 first, encoded):
@@ -312,7 +312,7 @@ class CompressedDevice:
                 self._undo(peak)
                 counters.reject_alloc_fail += 1
                 counters.pool_limit_hit += 1
-                wm.update(self.pool.used_bytes, alloc_failed=True)
+                self._settle(alloc_failed=True)
                 self._reject(REJECT_FULL, "pool full: the write does not fit the real capacity")
         if failed:
             counters.reject_alloc_fail += 1
@@ -320,8 +320,17 @@ class CompressedDevice:
         self._apply(first, encoded, placed, result)
         counters.write_requests += 1
         counters.written_bytes += plan.length
-        wm.update(self.pool.used_bytes, alloc_failed=bool(failed))
+        self._settle(alloc_failed=bool(failed))
         return result
+
+    def _settle(self, alloc_failed: bool = False) -> None:
+        """The end of every change: compact what frees left slack in (never inside a commit
+        or an undo: moves would re-enter the books half-way), then re-evaluate the
+        watermarks."""
+        pool = self.pool
+        if pool.slack:
+            pool.compact_pending()
+        self.watermarks.update(pool.used_bytes, alloc_failed=alloc_failed)
 
     def _recheck_full(self) -> None:
         """``full`` says one allocation failed; it must not outlive the usage that caused it.
@@ -423,11 +432,11 @@ class CompressedDevice:
         page by page; the books end exactly as _place_all + _apply leave them."""
         table, pool, counters = self.table, self.pool, self.counters
         meta, loc = table.meta, table.loc
-        class_of, store, write, blocks = pool.class_of, pool.store, pool.write, pool._blocks
+        class_of, store, write, slot_size = pool.class_of, pool.store, pool.write, pool.slot_size
         forget = self._forget
         same_kind, huge_kind = enc.SAME, enc.HUGE
         compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
-        shift, slot_bits = pt.STATE_SHIFT, 16
+        shift = pt.STATE_SHIFT
         same_meta = pt.SAME << shift
         defer_zero = bool(self.zero_flush_interval)
         marked = bool(self.poisoned or self.lost)
@@ -460,7 +469,7 @@ class CompressedDevice:
             state = m >> shift
             if state in (compressed_state, huge_state):
                 handle = loc[index]
-                if blocks[handle >> slot_bits].cls is cls:
+                if slot_size(handle) == cls.size:
                     forget(index, free=False)
                     write(handle, payload)
                 else:
@@ -638,7 +647,7 @@ class CompressedDevice:
             released = self._release_pages(first, stop)
             counters.notify_free += stop - first
             counters.discarded_pages += stop - first
-        self.watermarks.update(self.pool.used_bytes)
+        self._settle()
         return released
 
     def _zero_edges(self, edges: list[tuple[int, int, int]]) -> None:
@@ -706,7 +715,7 @@ class CompressedDevice:
             self.pool.free(self.releasing.pop())
         self.releasing_bytes = 0
         if count:
-            self.watermarks.update(self.pool.used_bytes)
+            self._settle()
         return count
 
     # -- timing and faults ----------------------------------------------------------------
@@ -776,15 +785,16 @@ class CompressedDevice:
         table, pool = self.table, self.pool
         meta, loc = table.meta, table.loc
         poisoned, referenced = self.poisoned, self.referenced
-        blocks, arena = pool._blocks, pool._view
-        shift, mask, slot_bits, slot_mask = pt.STATE_SHIFT, pt.LENGTH_MASK, 16, 0xFFFF
+        shift, mask = pt.STATE_SHIFT, pt.LENGTH_MASK
         compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
         reused = out is not None and len(out) == (stop - first) << PAGE_SHIFT
         if not reused:
             out = bytearray((stop - first) << PAGE_SHIFT)
         assert out is not None
         zero = enc.ZERO_PAGE
-        frames = bytearray()
+        handles: list[int] = []  # the compressed pages, copied out in one pool call at the end
+        sizes: list[int] = []
+        filled = 0  # bytes of compressed frames so far
         runs = []
         run_start = run_at = -1  # frames offset and out offset of the open run
         middle = first + (stop - first) // 2
@@ -797,23 +807,17 @@ class CompressedDevice:
             state = m >> shift
             if state == compressed_state:
                 if run_start >= 0 and index == middle:
-                    runs.append((run_start, len(frames), run_at, at))
+                    runs.append((run_start, filled, run_at, at))
                     run_start = -1
                 if run_start < 0:
-                    run_start, run_at = len(frames), at
-                handle = loc[index]
+                    run_start, run_at = filled, at
                 size = m & mask
-                block = blocks[handle >> slot_bits]
-                slot_at = (handle & slot_mask) * block.cls.size
-                within = slot_at & (PAGE_SIZE - 1)
-                base = (block.frames[slot_at >> PAGE_SHIFT] << PAGE_SHIFT) + within
-                if within + size <= PAGE_SIZE:
-                    frames += arena[base:base + size]
-                else:
-                    frames += pool.read(handle, size)
+                handles.append(loc[index])
+                sizes.append(size)
+                filled += size
             else:
                 if run_start >= 0:
-                    runs.append((run_start, len(frames), run_at, at))
+                    runs.append((run_start, filled, run_at, at))
                     run_start = -1
                 if state == huge_state:
                     out[at:at + PAGE_SIZE] = pool.read(loc[index], PAGE_SIZE)
@@ -826,7 +830,8 @@ class CompressedDevice:
                 referenced[index] = 1
             at += PAGE_SIZE
         if run_start >= 0:
-            runs.append((run_start, len(frames), run_at, at))
+            runs.append((run_start, filled, run_at, at))
+        frames = pool.gather(handles, sizes)
         self.counters.read_requests += 1
         self.counters.read_bytes += length
         return ReadPlan(offset, length, None, out, frames, runs, first)

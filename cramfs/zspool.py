@@ -90,8 +90,24 @@ class PoolExhausted(Exception):
     """No free slot and no free frame for a new block."""
 
 
+def make_handle(block_id: int, slot: int) -> int:
+    """The opaque handle of ``slot`` in block ``block_id`` (the one place it is spelled)."""
+    return (block_id << SLOT_BITS) | slot
+
+
+def split_handle(handle: int) -> tuple[int, int]:
+    """(block id, slot) of a handle: make_handle's inverse."""
+    return handle >> SLOT_BITS, handle & SLOT_MASK
+
+
 class ZsPool:
-    """Fixed-capacity arena. Handles are ints: block id << 16 | slot."""
+    """Fixed-capacity arena. Handles are opaque ints (make_handle / split_handle).
+
+    As zsmalloc keeps zs_free and compaction apart, ``free`` never moves objects: it notes the
+    classes whose slack has grown, and the owner compacts them with ``compact_pending`` once it
+    is between requests, when a move (reported through ``on_move``) cannot land in the middle of
+    its own commit or undo.
+    """
 
     def __init__(self, capacity: int, compact_threshold: float = 0.05,
                  largest_compressed: int = PAGE_SIZE) -> None:
@@ -110,6 +126,7 @@ class ZsPool:
         self.max_used_frames = 0
         self.pages_compacted = 0
         self.compact_threshold = compact_threshold
+        self.slack: set[SizeClass] = set()  # classes free() found worth compacting
         # Classes up to the largest compressed object, then one class for raw (huge) pages.
         sizes = list(range(MIN_OBJECT, min(largest_compressed, PAGE_SIZE) + CLASS_STEP,
                            CLASS_STEP))
@@ -172,7 +189,7 @@ class ZsPool:
 
     # -- blocks -------------------------------------------------------------------------
     def _block(self, handle: int) -> Block:
-        block = self._blocks[handle >> SLOT_BITS]
+        block = self._blocks[split_handle(handle)[0]]
         assert block is not None, f"stale handle {handle:#x}"
         return block
 
@@ -222,11 +239,11 @@ class ZsPool:
         cls.used_slots += 1
         if not block.free:
             del cls.partial[block_id]
-        return (block_id << SLOT_BITS) | slot
+        return make_handle(block_id, slot)
 
     def free(self, handle: int) -> None:
-        block_id = handle >> SLOT_BITS
-        slot = handle & SLOT_MASK
+        """Give the slot back; never compacts (see the class docstring)."""
+        block_id, slot = split_handle(handle)
         block = self._blocks[block_id]
         assert block is not None and block.owners[slot] != FREE_SLOT, f"double free {handle:#x}"
         cls = block.cls
@@ -240,14 +257,43 @@ class ZsPool:
             return
         if len(block.free) == 1:
             cls.partial[block_id] = None
-        if (cls.free_slots > cls.slots_per_block
-                and cls.free_slots * cls.size > self.compact_threshold * (
-                    (cls.free_slots + cls.used_slots) * cls.size)):
-            self.compact_class(cls)
+        if cls.free_slots > cls.slots_per_block and cls.free_slots > self.compact_threshold * (
+                cls.free_slots + cls.used_slots):
+            self.slack.add(cls)
+
+    def compact_pending(self) -> int:
+        """Compact the classes free() noted (more than a block and ``compact_threshold`` of
+        their slots free); returns frames freed. Call it between requests."""
+        freed = 0
+        while self.slack:
+            freed += self.compact_class(self.slack.pop())
+        return freed
+
+    def growth(self, cls: SizeClass) -> int:
+        """Bytes the pool grows by to place one more object of ``cls``: none while one of
+        its blocks has a free slot, else a new block."""
+        return 0 if cls.partial else cls.frames_per_block << PAGE_SHIFT
+
+    def gather(self, handles: list[int], lengths: list[int]) -> bytearray:
+        """The objects' bytes end to end, in one call (large reads gather their compressed
+        frames this way: no Python call per object)."""
+        into = bytearray()
+        blocks, view, read = self._blocks, self._view, self.read
+        for handle, length in zip(handles, lengths, strict=True):
+            block_id, slot = split_handle(handle)
+            block = blocks[block_id]
+            slot_at = slot * block.cls.size
+            within = slot_at & (FRAME - 1)
+            base = (block.frames[slot_at >> PAGE_SHIFT] << PAGE_SHIFT) + within
+            if within + length <= FRAME:
+                into += view[base:base + length]
+            else:
+                into += read(handle, length)
+        return into
 
     def _span(self, handle: int) -> tuple[Block, int, int]:
         block = self._block(handle)
-        offset = (handle & SLOT_MASK) * block.cls.size
+        offset = split_handle(handle)[1] * block.cls.size
         return block, offset >> PAGE_SHIFT, offset & (FRAME - 1)
 
     def write(self, handle: int, data: Payload) -> None:
@@ -299,7 +345,7 @@ class ZsPool:
             self._view[base:base + first] = data[:first]
             nxt = frames[(offset >> PAGE_SHIFT) + 1] << PAGE_SHIFT
             self._view[nxt:nxt + length - first] = data[first:]
-        return (block_id << SLOT_BITS) | slot
+        return make_handle(block_id, slot)
 
     def read(self, handle: int, length: int) -> bytes:
         block, index, within = self._span(handle)
@@ -311,10 +357,10 @@ class ZsPool:
         return self._arena[base + within:base + FRAME] + self._arena[nxt:nxt + length - first]
 
     def set_owner(self, handle: int, owner: int) -> None:
-        self._block(handle).owners[handle & SLOT_MASK] = owner
+        self._block(handle).owners[split_handle(handle)[1]] = owner
 
     def owner(self, handle: int) -> int:
-        return self._block(handle).owners[handle & SLOT_MASK]
+        return self._block(handle).owners[split_handle(handle)[1]]
 
     # -- compaction ---------------------------------------------------------------------
     def compact_class(self, cls: SizeClass) -> int:
@@ -335,12 +381,12 @@ class ZsPool:
                 owner = src.owners[slot]
                 if owner == FREE_SLOT:
                     continue
-                old = (src_id << SLOT_BITS) | slot
+                old = make_handle(src_id, slot)
                 data = self.read(old, size)
                 new_slot = dst.free.pop()
                 dst.owners[new_slot] = owner
                 dst.used += 1
-                new = (dst_id << SLOT_BITS) | new_slot
+                new = make_handle(dst_id, new_slot)
                 self.write(new, data)
                 src.owners[slot] = FREE_SLOT
                 src.free.append(slot)
@@ -358,6 +404,7 @@ class ZsPool:
 
     def compact(self) -> int:
         """Compact every class (zram's ``compact`` attribute); returns frames freed."""
+        self.slack.clear()
         return sum(self.compact_class(cls) for cls in self.classes)
 
     # -- checks -------------------------------------------------------------------------
@@ -369,7 +416,7 @@ class ZsPool:
                 continue
             for slot, owner in enumerate(block.owners):
                 if owner != FREE_SLOT:
-                    live[(block_id << SLOT_BITS) | slot] = owner
+                    live[make_handle(block_id, slot)] = owner
         return live
 
     def check(self) -> None:

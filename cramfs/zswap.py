@@ -89,7 +89,7 @@ class ZswapDevice(CompressedDevice):
         # frames), so a store never takes the pool past the limit.
         used = self.pool.used_bytes
         cls = self.pool.class_of(len(item.payload))
-        if used + (0 if cls.partial else cls.frames_per_block * PAGE_SIZE) > self.pool_limit:
+        if used + self.pool.growth(cls) > self.pool_limit:
             self.counters.pool_limit_hit += 1
             self.limit_reached = True
         elif self.limit_reached and used < self.accept_bytes:
@@ -124,7 +124,7 @@ class ZswapDevice(CompressedDevice):
                 written += 1
         self._hand = hand
         if written:
-            self.watermarks.update(self.pool.used_bytes)
+            self._settle()
         return written
 
     def _write_back(self, index: int) -> bool:
