@@ -132,6 +132,8 @@ class ReadPlan:
     buffer: bool = False  # decode may return ``out`` (or a view of it) rather than bytes
 
 
+Mend = tuple[int, bytes | None, bytes | None]  # page, bytes so far, coverage (None: done)
+
 RELEASED_OWNER = 0xFFFFFFFE  # pool owner of a released slot awaiting the zero flush
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
@@ -166,6 +168,9 @@ class CompressedDevice:
         self.huge_pages = 0
         self.compr_data_size = 0
         self.poisoned: set[int] = set()
+        # Partial writes into poisoned pages, kept until the page's whole extent is written:
+        # page -> (its bytes so far, one byte per byte: 1 where written).
+        self.mending: dict[int, tuple[bytes, bytes]] = {}
         self.lost: set[int] = set()
         self._pending: dict[int, int] = {}
         self.zero_flush_interval = config.zero_flush_interval
@@ -267,13 +272,13 @@ class CompressedDevice:
     def commit_write(self, plan: WritePlan) -> WriteResult:
         """Place a prepared write. Raises WriteRejected (ENOSPC) or PoisonedPage (EIO)."""
         counters = self.counters
-        try:
-            encoded = self._merge_partials(plan)
-        except PoisonedPage:
-            counters.failed_writes += 1
-            raise
-        first = plan.first
+        first, encoded, mends = self._merge_partials(plan)
         result = WriteResult()
+        if not encoded:  # all of it is kept aside for a poisoned page (see _merge_partials)
+            self._keep_mends(mends)
+            counters.write_requests += 1
+            counters.written_bytes += plan.length
+            return result
         wm = self.watermarks
         self._recheck_full()
         if self.no_alloc and self._grows(first, encoded):
@@ -284,6 +289,8 @@ class CompressedDevice:
                 >= len(encoded) + MAX_FRAMES_PER_BLOCK * min(len(encoded), len(pool.classes))):
             # Nothing can refuse this write and every page is certain to fit: one pass.
             self._place_fused(first, encoded)
+            if mends:
+                self._keep_mends(mends)
             counters.write_requests += 1
             counters.written_bytes += plan.length
             self._settle()
@@ -318,6 +325,8 @@ class CompressedDevice:
             counters.reject_alloc_fail += 1
             counters.pool_limit_hit += 1
         self._apply(first, encoded, placed, result)
+        if mends:
+            self._keep_mends(mends)
         counters.write_requests += 1
         counters.written_bytes += plan.length
         self._settle(alloc_failed=bool(failed))
@@ -352,23 +361,55 @@ class CompressedDevice:
         self.counters.failed_writes += 1
         raise WriteRejected(reason, message)
 
-    def _merge_partials(self, plan: WritePlan) -> list[Encoded]:
+    def _merge_partials(self, plan: WritePlan) -> tuple[int, list[Encoded], list[Mend]]:
+        """The request's pages, all whole: a partial page is merged with what the page holds
+        (read-modify-write). A partial write into a poisoned page has nothing to merge with:
+        its bytes are kept aside until the page's whole extent has been written, however the
+        kernel split it (an O_DIRECT buffer that is not page-aligned arrives as requests that
+        end mid-page), and only then does the page take them and lose its poison. Returns
+        the first page, the pages to place, and the mends to keep once the request is in."""
         pages = plan.pages
+        first = plan.first
         if not pages or (isinstance(pages[0], Encoded) and isinstance(pages[-1], Encoded)):
-            return cast("list[Encoded]", pages)  # a partial page is only ever first or last
+            # a partial page is only ever first or last
+            return first, cast("list[Encoded]", pages), []
         out = list(pages)
-        for i in (0, len(out) - 1):
+        mends: list[Mend] = []
+        drop_first = drop_last = False
+        for i in sorted({0, len(out) - 1}):
             item = out[i]
             if isinstance(item, Encoded):
                 continue
             start, chunk = item
-            index = plan.first + i
+            index = first + i
             if index in self.poisoned:
-                raise PoisonedPage(index)
+                kept, kept_cover = self.mending.get(index, (bytes(PAGE_SIZE), bytes(PAGE_SIZE)))
+                data, covered = bytearray(kept), bytearray(kept_cover)
+                data[start:start + len(chunk)] = chunk
+                covered[start:start + len(chunk)] = b"\1" * len(chunk)
+                if covered.count(0):
+                    mends.append((index, bytes(data), bytes(covered)))
+                    drop_first, drop_last = drop_first or i == 0, drop_last or i == len(out) - 1
+                    continue
+                mends.append((index, None, None))  # complete: the page takes it whole
+                out[i] = self.codec.encode_pages(bytes(data))[0]
+                continue
             page = bytearray(self._page_bytes(index))
             page[start:start + len(chunk)] = chunk
             out[i] = self.codec.encode_pages(bytes(page))[0]
-        return cast("list[Encoded]", out)
+        if drop_last:
+            out.pop()
+        if drop_first and out:
+            out.pop(0)
+            first += 1
+        return first, cast("list[Encoded]", out), mends
+
+    def _keep_mends(self, mends: list[Mend]) -> None:
+        for index, data, covered in mends:
+            if data is None or covered is None:
+                self.mending.pop(index, None)
+            else:
+                self.mending[index] = (data, covered)
 
     def _grows(self, first: int, encoded: list[Encoded]) -> bool:
         """Does any page need a larger slot than it holds now (new pool space)?"""
@@ -536,6 +577,7 @@ class CompressedDevice:
                 counters.poisoned_writes += 1
                 self._forget(index, free=True)
                 self.poisoned.add(index)
+                self.mending.pop(index, None)  # freshly poisoned: nothing is kept for it yet
                 continue
             kind = item.kind
             was_empty = table.meta[index] == 0

@@ -405,7 +405,7 @@ class CramOperations(pyfuse3.Operations):
             await self._refused(node.entry, off, len(buf), exc)
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except PoisonedPage as exc:
-            log.warning("%s: partial write into poisoned page %d", name, exc.page)
+            log.warning("%s: write into poisoned page %d", name, exc.page)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except InjectedFault:
             raise pyfuse3.FUSEError(errno.EIO) from None

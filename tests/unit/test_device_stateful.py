@@ -80,6 +80,8 @@ class DeviceModel(RuleBasedStateMachine):
             failure_mode=self.failure_mode, threads=2))
         self.ref = bytearray(SIZE)
         self.poisoned: set[int] = set()  # pages whose contents the model no longer knows
+        # partial writes kept aside for poisoned pages: page -> (bytes so far, coverage)
+        self.mend: dict[int, tuple[bytearray, bytearray]] = {}
         self.rejects = 0
         self.losses = 0
 
@@ -121,16 +123,18 @@ class DeviceModel(RuleBasedStateMachine):
             assert after[1] <= before[1]  # a retry may have compacted, never grown
             assert dev.counters.failed_writes == failed_writes + 1
             return
-        except PoisonedPage as error:
-            assert error.page in self.poisoned and error.page in partial
-            assert self.stored_bytes() == before[2]
-            assert dev.counters.failed_writes == failed_writes + 1
-            event("partial write to a poisoned page")
-            return
-        assert not any(i in self.poisoned for i in partial), "merged with a poisoned page"
+        mended = {i for i in partial if i in self.poisoned}
+        pieces = {}  # mended page -> (its bytes, its coverage) after this write
+        for i in mended:
+            lo, hi = max(offset, i * P) - i * P, min(offset + length, (i + 1) * P) - i * P
+            buf, covered = (bytearray(x) for x in self.mend.get(i, (bytes(P), bytes(P))))
+            buf[lo:hi] = data[i * P + lo - offset:i * P + hi - offset]
+            covered[lo:hi] = b"\1" * (hi - lo)
+            pieces[i] = (buf, covered)
+        kept = {i for i, (_, covered) in pieces.items() if covered.count(0)}
         new_lost = dev.lost - lost_before
         lost_here = {i for i in touched if i in dev.lost} | {
-            i for i in touched if i in dev.poisoned}
+            i for i in touched if i in dev.poisoned and i not in kept}
         assert result.lost_pages == len(lost_here)
         assert new_lost <= set(touched)
         if self.policy is not Policy.NONE:
@@ -146,11 +150,28 @@ class DeviceModel(RuleBasedStateMachine):
         for i in touched:
             if i in dev.lost:
                 continue  # drop: the page keeps its old contents
+            if i in kept:  # a partial write into a poisoned page: kept aside until whole
+                assert i in dev.poisoned, "poison cleared before the extent was written"
+                self.mend[i] = pieces[i]
+                event("partial write kept for a poisoned page")
+                continue
+            if i in mended:  # its extent is complete: the page takes the pieces
+                self.mend.pop(i, None)
+                if i in dev.poisoned:  # ...and had no room for them (policy none): poisoned
+                    event("mended page poisoned again")
+                    self.ref[i * P:(i + 1) * P] = bytes(P)
+                    continue
+                event("poisoned page mended by partial writes")
+                self.poisoned.discard(i)
+                self.ref[i * P:(i + 1) * P] = pieces[i][0]
+                continue
             if i in dev.poisoned:
                 self.poisoned.add(i)
+                self.mend.pop(i, None)
                 self.ref[i * P:(i + 1) * P] = bytes(P)
                 continue
             self.poisoned.discard(i)
+            self.mend.pop(i, None)
             self.ref[i * P:(i + 1) * P] = new[i * P:(i + 1) * P]
 
     # -- rules --------------------------------------------------------------------------

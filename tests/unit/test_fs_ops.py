@@ -411,8 +411,14 @@ async def test_poisoned_page_read_is_eio():
     assert await errno_of(ops.read(fh, page * P, P)) == errno.EIO
     assert await ops.read(fh, 0, P) == rand(P, seed=0)
     assert f"{page} poisoned\n" in await read_attr(ops, "tiny", "lost_pages")
-    # A partial write into a poisoned page cannot merge: EIO as well.
-    assert await errno_of(ops.write(fh, page * P + 1, b"x")) == errno.EIO
+    # A partial write into a poisoned page is kept aside: the page reads EIO until its whole
+    # extent has been written, in however many pieces.
+    assert await ops.write(fh, page * P + 1, b"x") == 1
+    assert await errno_of(ops.read(fh, page * P, P)) == errno.EIO
+    await ops.write(fh, 0, bytes(4 * P))  # make room (the pool is full)
+    await ops.write(fh, page * P, b"y")
+    await ops.write(fh, page * P + 2, bytes(P - 2))
+    assert await ops.read(fh, page * P, 3) == b"yx\0"
     tiny.device.close()
 
 
