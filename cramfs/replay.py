@@ -39,14 +39,12 @@ from cramfs.trace import (
     OP_NAMES,
     OP_READ,
     OP_WRITE,
-    STATUS_INVALID,
-    STATUS_IO_ERROR,
     STATUS_OK,
-    STATUS_REJECTED,
     RawRecord,
     TraceError,
     TraceReader,
     decode_event,
+    status_of,
 )
 from cramfs.watermarks import EVENT_NAMES, State, validate_marks
 from cramfs.zswap import (
@@ -377,37 +375,15 @@ class _Replay:
     @staticmethod
     def _write(device: CompressedDevice, offset: int, body: memoryview | None) -> int:
         assert body is not None
-        try:
-            device.write(offset, body)
-        except WriteRejected:
-            return STATUS_REJECTED
-        except OutOfRange:
-            return STATUS_INVALID
-        except (PoisonedPage, BackingError):
-            return STATUS_IO_ERROR
-        return STATUS_OK
+        return _outcome(device.write, offset, body)
 
     @staticmethod
     def _read(device: CompressedDevice, offset: int, length: int) -> int:
-        try:
-            device.read(offset, length)
-        except OutOfRange:
-            return STATUS_INVALID
-        except PoisonedPage:
-            return STATUS_IO_ERROR
-        return STATUS_OK
+        return _outcome(device.read, offset, length)
 
     @staticmethod
     def _discard(device: CompressedDevice, offset: int, length: int) -> int:
-        try:
-            device.discard(offset, length)
-        except WriteRejected:
-            return STATUS_REJECTED
-        except OutOfRange:
-            return STATUS_INVALID
-        except (PoisonedPage, BackingError):
-            return STATUS_IO_ERROR
-        return STATUS_OK
+        return _outcome(device.discard, offset, length)
 
     def _initial(self, records: list[RawRecord]) -> list[RawRecord]:
         """Apply the leading snapshot records (the device's contents when the trace began);
@@ -573,6 +549,15 @@ class _Replay:
         self.state_time[self.watermarks.state] += final - self.state_since
         self.state_since = final
         self.timeline.append((final, self.pool.used_bytes))
+
+
+def _outcome(call: typing.Callable[[int, Any], object], offset: int, arg: Any) -> int:
+    """The trace status of one request to the device, as the recorder would write it."""
+    try:
+        call(offset, arg)
+    except (WriteRejected, OutOfRange, PoisonedPage, BackingError) as exc:
+        return status_of(exc)
+    return STATUS_OK
 
 
 def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> dict[str, Any]:

@@ -315,37 +315,9 @@ class ZsPool:
     def store(self, cls: SizeClass, owner: int, data: Payload) -> int:
         """``alloc_in(cls, owner)`` then ``write`` of ``data``, in one call (the device's
         batch path); raises PoolExhausted like alloc_in."""
-        partial = cls.partial
-        if partial:
-            block_id = next(iter(partial))
-        else:
-            new_id = self._new_block(cls)
-            if new_id is None:
-                raise PoolExhausted(cls.size)
-            block_id = new_id
-        block = self._blocks[block_id]
-        free = block.free
-        slot = free.pop()
-        block.owners[slot] = owner
-        block.used += 1
-        cls.free_slots -= 1
-        cls.used_slots += 1
-        if not free:
-            del partial[block_id]
-        offset = slot * cls.size
-        within = offset & (FRAME - 1)
-        frames = block.frames
-        base = (frames[offset >> PAGE_SHIFT] << PAGE_SHIFT) + within
-        length = len(data)
-        if within + length <= FRAME:
-            self._view[base:base + length] = data
-        else:
-            first = FRAME - within
-            data = memoryview(data)
-            self._view[base:base + first] = data[:first]
-            nxt = frames[(offset >> PAGE_SHIFT) + 1] << PAGE_SHIFT
-            self._view[nxt:nxt + length - first] = data[first:]
-        return make_handle(block_id, slot)
+        handle = self.alloc_in(cls, owner)
+        self.write(handle, data)
+        return handle
 
     def read(self, handle: int, length: int) -> bytes:
         block, index, within = self._span(handle)
