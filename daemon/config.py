@@ -7,10 +7,11 @@ user what to fix.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cramfs import PAGE_SIZE, compressors
 from cramfs.device import DeviceConfig
@@ -19,15 +20,17 @@ from cramfs.sizes import parse_size
 from cramfs.timing import TimingConfig
 from cramfs.watermarks import FailureMode, Policy, validate_marks
 from cramfs.zswap import DEFAULT_ACCEPT_THRESHOLD_PERCENT, DEFAULT_MAX_POOL_PERCENT
+from daemon.addresses import AddressError, parse_address
 from daemon.devices import KINDS
 
 DEFAULT_PATH = Path("/etc/cramfs/cramfs.toml")
 COMPRESSORS = compressors.NAMES
 # zstd level when a device does not name one, chosen by measurement (tests/bench/levels.py and
-# compare.py --level, 64 MiB of real process pages): -1 ("fast 1") compresses 1 MiB writes
-# through FUSE ~18% faster than level 1 with ~17% less CPU, and its pool stays at ~0.79x of
-# zram's memory (level 1: 0.73x), inside issue 8's 0.9x. -2 was no faster beyond noise at
-# 0.87x, too close to that bound; -3 reaches zram's 1.0x.
+# compare.py --level, 64 MiB of real process pages, best of 3; the table in the README's
+# Benchmarks): -1 ("fast 1") compresses 1 MiB writes through FUSE ~18% faster than level 1
+# with ~17% less CPU, and its pool holds the same pages in ~0.8x of the memory kernel zram
+# (lzo-rle) needs (level 1: 0.73x). -2 was no faster beyond noise and needs 0.87x, close to
+# zram's own; -3 reaches zram's 1.0x, giving up the reason to compress harder than zram.
 DEFAULT_LEVEL = -1
 _TOP_KEYS = {"mountpoint", "metrics_address", "device"}
 _DEVICE_KEYS = {"kind", "size", "pool", "compressor", "level", "watermarks", "huge_threshold",
@@ -40,8 +43,20 @@ _WATERMARK_KEYS = {"low", "high", "policy", "failure_mode", "throttle_max_delay"
 _INTERRUPT_KEYS = {"delay", "drop_rate", "seed"}
 
 
+_E = TypeVar("_E", bound=Enum)
+
+
 class ConfigError(ValueError):
     """A bad configuration; the message names the key."""
+
+
+@dataclass
+class ZswapSpec:
+    """A zswap device's own keys: its backing file and its pool limit with hysteresis."""
+
+    backing_file: Path
+    max_pool_percent: int = DEFAULT_MAX_POOL_PERCENT
+    accept_threshold_percent: int = DEFAULT_ACCEPT_THRESHOLD_PERCENT
 
 
 @dataclass
@@ -50,7 +65,7 @@ class DeviceSpec:
     kind: str
     device: DeviceConfig
     compressor: str = "zstd"
-    zswap: dict[str, Any] = field(default_factory=dict)
+    zswap: ZswapSpec | None = None  # zswap devices only
     trace: Path | None = None  # record the device's traffic from start (cramfs replay)
 
 
@@ -60,6 +75,9 @@ class Config:
     metrics_address: str
     devices: list[DeviceSpec]
     source: str  # where it came from, for the log
+    # the setting each value came from, for messages: the file's key or the command line's
+    mountpoint_key: str = "mountpoint"
+    metrics_key: str = "metrics_address"
 
 
 def default_text() -> str:
@@ -91,6 +109,10 @@ def parse(text: str, source: str = "<string>") -> Config:
     mountpoint = raw.get("mountpoint", "/run/cramfs")
     if not isinstance(mountpoint, str) or not mountpoint:
         raise ConfigError("mountpoint: must be a non-empty path")
+    if not mountpoint.startswith("/"):
+        # cramfsd changes to / before mounting, so a relative path would mean one thing at
+        # start and another on reload
+        raise ConfigError(f"mountpoint: must be an absolute path, got {mountpoint!r}")
     address = raw.get("metrics_address", "127.0.0.1:9469")
     if not isinstance(address, str):
         raise ConfigError("metrics_address: must be a string (\"\" turns the endpoint off)")
@@ -104,13 +126,15 @@ def parse(text: str, source: str = "<string>") -> Config:
 
 
 def check_address(address: str, key: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` read by daemon.addresses (the parser the metrics endpoint binds with);
+    an empty host means every IPv4 interface."""
+    try:
+        return parse_address(address, key)
+    except AddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def _no_unknown(table: dict, allowed: set[str], prefix: str) -> None:
+def _no_unknown(table: dict[str, Any], allowed: set[str], prefix: str) -> None:
     for key in table:
         if key not in allowed:
             raise ConfigError(f"{prefix}{key}: unknown key")
@@ -182,9 +206,7 @@ def _device(name: str, body: Any) -> DeviceSpec:
                               throttle_max_delay=float(delay), **extra)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    zswap: dict[str, Any] = {}
-    if kind == "zswap":
-        zswap = _zswap(body, where)
+    zswap = _zswap(body, where) if kind == "zswap" else None
     trace = body.get("trace")
     if trace is not None and (not isinstance(trace, str) or not trace.startswith("/")):
         raise ConfigError(f"{where}.trace: must be an absolute path, got {trace!r}")
@@ -192,7 +214,7 @@ def _device(name: str, body: Any) -> DeviceSpec:
                       Path(trace) if trace is not None else None)
 
 
-def _zswap(body: dict, where: str) -> dict[str, Any]:
+def _zswap(body: dict[str, Any], where: str) -> ZswapSpec:
     backing = body.get("backing_file")
     if not isinstance(backing, str) or not backing:
         raise ConfigError(f"{where}.backing_file: required for zswap devices (a path on disk)")
@@ -200,8 +222,7 @@ def _zswap(body: dict, where: str) -> dict[str, Any]:
                     f"{where}.max_pool_percent", 1, 100)
     accept = _int(body.get("accept_threshold_percent", DEFAULT_ACCEPT_THRESHOLD_PERCENT),
                   f"{where}.accept_threshold_percent", 0, 100)
-    return {"backing_file": Path(backing), "max_pool_percent": max_pool,
-            "accept_threshold_percent": accept}
+    return ZswapSpec(Path(backing), max_pool, accept)
 
 
 def _interrupts(table: Any, where: str) -> InterruptConfig:
@@ -263,7 +284,7 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
     return value
 
 
-def _enum(kind: type, value: Any, key: str) -> Any:
+def _enum(kind: type[_E], value: Any, key: str) -> _E:
     try:
         return kind(value)
     except ValueError:

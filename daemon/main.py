@@ -8,12 +8,16 @@ keeps serving; `cramfs swapoff NAME` releases it and the daemon then unmounts an
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import stat
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -27,6 +31,9 @@ from daemon.capabilities import DISCARD_UNAVAILABLE, discard_supported
 from daemon.devices import DeviceEntry
 from daemon.fs import CramOperations
 
+if TYPE_CHECKING:
+    from daemon.metrics import Metrics
+
 log = logging.getLogger("cramfs")
 MAX_BACKGROUND = 64
 FUSE_WORKERS = 64
@@ -39,15 +46,32 @@ class UsageError(Exception):
     """Bad command line or configuration: exit 2 with one line."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass
+class Options:
+    """The command line. Paths are absolute, made so at start: the daemon changes to / before
+    it mounts, and a SIGHUP reload must find the same file a relative --config named."""
+
+    config: Path | None = None
+    mountpoint: Path | None = None
+    metrics_address: str | None = None
+    log_level: str = "info"
+
+
+def _absolute(text: str) -> Path:
+    return Path(text).absolute()
+
+
+def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="cramfsd", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="TOML file (default /etc/cramfs/cramfs.toml "
-                        "if present, else the embedded default)")
-    parser.add_argument("--mountpoint", type=Path, help="overrides the config's mountpoint")
-    parser.add_argument("--metrics-address", help='HOST:PORT, or "" to turn metrics off')
+    parser.add_argument("--config", type=_absolute, help="TOML file (default "
+                        "/etc/cramfs/cramfs.toml if present, else the embedded default)")
+    parser.add_argument("--mountpoint", type=_absolute, help="overrides the config's mountpoint")
+    parser.add_argument("--metrics-address", help='HOST:PORT (an empty host: every IPv4 '
+                        'interface; port 0: any free port), or "" to turn metrics off')
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return Options(args.config, args.mountpoint, args.metrics_address, args.log_level)
 
 
 def setup_logging(level: str) -> None:
@@ -58,38 +82,87 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
-def build(args: argparse.Namespace) -> configuration.Config:
+def build(args: Options) -> configuration.Config:
+    """The configuration file with the command line's overrides applied (they win)."""
     try:
         config = configuration.load(args.config)
         if args.mountpoint is not None:
             config.mountpoint = args.mountpoint
+            config.mountpoint_key = "--mountpoint"
         if args.metrics_address is not None:
             if args.metrics_address:
                 configuration.check_address(args.metrics_address, "--metrics-address")
             config.metrics_address = args.metrics_address
+            config.metrics_key = "--metrics-address"
     except configuration.ConfigError as exc:
         raise UsageError(str(exc)) from None
     return config
 
 
-def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
-    if spec.kind != "zswap":
-        return CompressedDevice(spec.device)
+def prepare_mountpoint(path: Path, key: str) -> None:
+    """Check the mountpoint and create it if missing, before anything is mounted.
+
+    Refused, naming ``key``: a path under a regular file (``/etc/passwd/x``), one that exists
+    and is not a directory, one on a pseudo file system (procfs, sysfs, cgroup, ...: a FUSE
+    mount has no business there and mkdir fails anyway), and any error creating it. Must not
+    run once our own mount is up: a stat of it from the serving thread would wait on itself.
+    """
+    where = f"{key}: {path}"
+    if not path.is_absolute():
+        raise UsageError(f"{where}: must be an absolute path")
+    existing = path
+    while True:
+        try:
+            info = existing.stat()
+        except (FileNotFoundError, NotADirectoryError):  # missing, or below a non-directory
+            existing = existing.parent
+            continue
+        except OSError as exc:
+            raise UsageError(f"{where}: {existing}: {exc.strerror}") from None
+        break
+    if not stat.S_ISDIR(info.st_mode):
+        what = "is not a directory" if existing == path else f"{existing} is not a directory"
+        raise UsageError(f"{where}: {what}")
+    fstype = system.pseudo_filesystem(existing)
+    if fstype is not None:
+        raise UsageError(f"{where}: {existing} is on a {fstype} file system, not a place "
+                         "to mount")
     try:
-        return ZswapDevice(spec.device, **spec.zswap)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"device.{spec.name}.backing_file: {spec.zswap['backing_file']}: "
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EEXIST:
+            reason = "exists and is not a directory"
+        raise UsageError(f"{where}: {reason}") from None
+
+
+def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
+    if spec.zswap is None:
+        return CompressedDevice(spec.device)
+    zswap = spec.zswap
+    try:
+        return ZswapDevice(spec.device, zswap.backing_file, zswap.max_pool_percent,
+                           zswap.accept_threshold_percent)
+    except OSError as exc:
+        raise UsageError(f"device.{spec.name}.backing_file: {zswap.backing_file}: "
                          f"{exc.strerror}") from None
 
 
+# What a SIGHUP applies at once (DeviceConfig fields, then zswap's), and what needs a restart.
 RUNTIME_KEYS = ("low", "high", "policy", "failure_mode", "throttle_max_delay", "timing",
                 "interrupts", "no_alloc_on_full")
+ZSWAP_RUNTIME_KEYS = ("max_pool_percent", "accept_threshold_percent")
 RESTART_KEYS = ("size", "pool", "compressor", "level", "huge_threshold", "zero_flush_interval")
+
+
+def _zswap_value(spec: configuration.DeviceSpec, key: str) -> object:
+    return None if spec.zswap is None else getattr(spec.zswap, key)
 
 
 def reload_plan(old: configuration.Config, new: configuration.Config
                 ) -> tuple[list[tuple[str, str, object]], list[str]]:
-    """What a SIGHUP may change now, and what it may not (needs a restart)."""
+    """What a SIGHUP may change now, as (device, key, new value), and what it may not (the
+    keys that need a restart)."""
     changes: list[tuple[str, str, object]] = []
     restart: list[str] = []
     if new.mountpoint != old.mountpoint:
@@ -108,25 +181,24 @@ def reload_plan(old: configuration.Config, new: configuration.Config
         for key in RESTART_KEYS:
             if getattr(a.device, key) != getattr(b.device, key):
                 restart.append(f"device.{name}.{key}")
-        if a.zswap.get("backing_file") != b.zswap.get("backing_file"):
+        if _zswap_value(a, "backing_file") != _zswap_value(b, "backing_file"):
             restart.append(f"device.{name}.backing_file")
         if a.trace != b.trace:
             restart.append(f"device.{name}.trace (use cramfs trace start/stop)")
         for key in RUNTIME_KEYS:
             if getattr(a.device, key) != getattr(b.device, key):
                 changes.append((name, key, getattr(b.device, key)))
-        for key in ("max_pool_percent", "accept_threshold_percent"):
-            if a.zswap.get(key) != b.zswap.get(key):
-                changes.append((name, key, b.zswap[key]))
+        for key in ZSWAP_RUNTIME_KEYS:
+            if _zswap_value(a, key) != _zswap_value(b, key):
+                changes.append((name, key, _zswap_value(b, key)))
     return changes, restart
 
 
 class Daemon:
-    def __init__(self, config: configuration.Config,
-                 args: argparse.Namespace | None = None) -> None:
+    def __init__(self, config: configuration.Config, args: Options | None = None) -> None:
         self.config = config
         self.args = args  # re-applied on reload: command-line overrides win over the file
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self.entries = [DeviceEntry(spec.name, spec.kind, make_device(spec))
                         for spec in config.devices]
         for spec, entry in zip(config.devices, self.entries, strict=True):
@@ -147,12 +219,12 @@ class Daemon:
 
         metrics = Metrics(lambda: self.entries)
         try:
-            metrics.start(self.config.metrics_address)
+            metrics.start(self.config.metrics_address, self.config.metrics_key)
         except MetricsAddressError as exc:
             raise UsageError(str(exc)) from None
         self.metrics = metrics
         self.ops.observe = metrics.observe
-        log.info("metrics on http://%s/metrics", self.config.metrics_address)
+        log.info("metrics on http://%s/metrics", metrics.address)
 
     def _idle(self) -> None:
         if self.stop_requested:
@@ -172,17 +244,23 @@ class Daemon:
                         " release it with `cramfs swapoff %s`; the daemon stops once it is "
                         "released", signal.Signals(signum).name, name, name)
 
+    def prepare(self) -> None:
+        """Check and create the mountpoint (exit 2 naming the key on a bad one)."""
+        prepare_mountpoint(self.config.mountpoint, self.config.mountpoint_key)
+
     async def run(self) -> None:
-        mountpoint = self.config.mountpoint.absolute()
-        self.config.mountpoint = mountpoint
-        mountpoint.mkdir(parents=True, exist_ok=True)
+        mountpoint = self.config.mountpoint
         os.chdir("/")  # hold no directory busy (and let "cramfs" name the mount, not ./cramfs)
         options = set(pyfuse3.default_options)
         options.update({"fsname=cramfs", "subtype=cramfs", "allow_other"})
         options.discard("default_permissions")
         if not discard_supported():
             log.warning("%s", DISCARD_UNAVAILABLE)
-        pyfuse3.init(self.ops, str(mountpoint), options)
+        try:
+            pyfuse3.init(self.ops, str(mountpoint), options)
+        except (OSError, RuntimeError) as exc:  # libfuse has printed its own reason above
+            raise UsageError(f"{self.config.mountpoint_key}: {mountpoint}: cannot mount "
+                             f"({exc})") from None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery)
@@ -249,52 +327,72 @@ class Daemon:
         """Re-read the config; apply what can change at runtime, log what needs a restart.
         A bad file changes nothing."""
         try:
-            new = build(self.args or parse_args([]))
+            new = build(self.args or Options())
         except UsageError as exc:
             log.error("reload: %s; nothing changed", exc)
             return False
         changes, restart = reload_plan(self.config, new)
         for key in restart:
             log.warning("reload: %s changed and needs a restart; keeping the running value", key)
-        devices = {entry.name: entry.device for entry in self.entries}
-        specs = {spec.name: spec for spec in new.devices}
+        fresh_specs = {spec.name: spec for spec in new.devices}
         entries = {entry.name: entry for entry in self.entries}
-        for name, key, value in changes:
-            device = devices[name]
-            if key in ("low", "high"):
-                spec = specs[name].device
-                device.set_watermarks(low=spec.low, high=spec.high)
-                recording.event(entries[name], "set", low=spec.low, high=spec.high)
-            elif key == "policy":
-                if not isinstance(device, ZswapDevice):
-                    device.set_policy(value)
-            elif key == "failure_mode":
-                device.failure_mode = value
-            elif key == "throttle_max_delay":
-                device.throttle_max_delay = value
-            elif key == "timing":
-                device.timing = Timing(value)
-            elif key == "interrupts":
-                device.interrupts.configure(value)
-            elif key == "no_alloc_on_full":
-                device.no_alloc_on_full = value
-            elif isinstance(device, ZswapDevice):
-                device.set_limits(**{key: value})
-            if key not in ("low", "high", "timing", "interrupts"):  # replay ignores the last two
-                recording.event(entries[name], "set", **{key: getattr(value, "value", value)})
-            log.info("reload: %s.%s = %s", name, key, getattr(value, "value", value))
+        for name in sorted({name for name, _, _ in changes}):
+            keys = [key for device_name, key, _ in changes if device_name == name]
+            self._apply(entries[name], fresh_specs[name], keys)
         # Remember the applied values; keep the running ones for what needs a restart.
         for spec in self.config.devices:
-            fresh = specs.get(spec.name)
+            fresh = fresh_specs.get(spec.name)
             if fresh is None or fresh.kind != spec.kind:
                 continue
             for key in RUNTIME_KEYS:
                 setattr(spec.device, key, getattr(fresh.device, key))
-            for key in ("max_pool_percent", "accept_threshold_percent"):
-                if key in fresh.zswap:
-                    spec.zswap[key] = fresh.zswap[key]
+            if spec.zswap is not None and fresh.zswap is not None:
+                for key in ZSWAP_RUNTIME_KEYS:
+                    setattr(spec.zswap, key, getattr(fresh.zswap, key))
         log.info("reload: %d change(s) applied, %d need a restart", len(changes), len(restart))
         return True
+
+    @staticmethod
+    def _apply(entry: DeviceEntry, spec: configuration.DeviceSpec, keys: list[str]) -> None:
+        """Put the runtime ``keys`` of a re-read device ``spec`` into effect on its device."""
+        device, fresh = entry.device, spec.device
+        if "low" in keys or "high" in keys:
+            device.set_watermarks(low=fresh.low, high=fresh.high)
+            recording.event(entry, "set", low=fresh.low, high=fresh.high)
+            log.info("reload: %s watermarks low=%s high=%s", entry.name, fresh.low, fresh.high)
+        for key in keys:
+            if key in ("low", "high"):
+                continue
+            shown: object
+            if key == "policy":
+                if isinstance(device, ZswapDevice):
+                    log.warning("reload: %s.policy = %s ignored: a zswap device never refuses "
+                                "a write (its policy stays none)", entry.name, fresh.policy.value)
+                    continue
+                device.set_policy(fresh.policy)
+                shown = fresh.policy.value
+            elif key == "failure_mode":
+                device.failure_mode = fresh.failure_mode
+                shown = fresh.failure_mode.value
+            elif key == "throttle_max_delay":
+                device.throttle_max_delay = shown = fresh.throttle_max_delay
+            elif key == "no_alloc_on_full":
+                device.no_alloc_on_full = shown = fresh.no_alloc_on_full
+            elif key == "timing":
+                device.timing = Timing(fresh.timing)
+                shown = fresh.timing
+            elif key == "interrupts":
+                device.interrupts.configure(fresh.interrupts)
+                shown = fresh.interrupts
+            elif isinstance(device, ZswapDevice) and spec.zswap is not None:
+                limits = spec.zswap
+                device.set_limits(limits.max_pool_percent, limits.accept_threshold_percent)
+                shown = getattr(limits, key)
+            else:
+                continue
+            if key not in ("timing", "interrupts"):  # replay ignores these two
+                recording.event(entry, "set", **{key: shown})
+            log.info("reload: %s.%s = %s", entry.name, key, shown)
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -314,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cramfsd: {exc}", file=sys.stderr)
         return 2
     try:
+        daemon.prepare()
+        system.tune_allocator()  # before the first thread (the metrics server) mallocs
         daemon.start_metrics()
     except UsageError as exc:
         daemon.close()
@@ -324,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     system.lock_memory()
     try:
         trio.run(daemon.run)
+    except UsageError as exc:
+        print(f"cramfsd: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1

@@ -171,8 +171,14 @@ def test_zswap_keys():
         assert str(exc).startswith("device.swap0.kind:")
         return
     assert spec.kind == "zswap"
-    assert str(spec.zswap["backing_file"]) == "/var/tmp/z.img"
-    assert spec.zswap["max_pool_percent"] == 30
+    assert spec.zswap is not None
+    assert str(spec.zswap.backing_file) == "/var/tmp/z.img"
+    assert spec.zswap.max_pool_percent == 30
+    assert spec.zswap.accept_threshold_percent == 90
+
+
+def test_other_kinds_have_no_zswap_keys():
+    assert parse(device()).devices[0].zswap is None
 
 
 @pytest.mark.parametrize("key, value", [("max_pool_percent", "0"), ("max_pool_percent", "101"),
@@ -249,10 +255,21 @@ def test_bad_failure_mode(mode):
     assert message.startswith("device.swap0.watermarks.failure_mode:")
 
 
-@pytest.mark.parametrize("address", ['"nonsense"', '"127.0.0.1"', '":9469"',
-                                     '"host:0"', '"host:65536"', '"host:port"', "9469"])
+@pytest.mark.parametrize("address", ['"nonsense"', '"127.0.0.1"', '"host:65536"',
+                                     '"host:port"', "9469", '"::1:9469"', '"[nothost]:9469"',
+                                     '"127.0.0.1:"', '"host:+80"', '"host:٣"', '"a b:80"'])
 def test_bad_metrics_address(address):
-    assert error_of(device(top=f"metrics_address = {address}")).startswith("metrics_address:")
+    message = error_of(device(top=f"metrics_address = {address}"))
+    assert message.startswith("metrics_address:") and "\n" not in message
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:9469", ("127.0.0.1", 9469)), ("localhost:0", ("localhost", 0)),
+    ("[::1]:9469", ("::1", 9469)), ("[::]:9469", ("::", 9469)),
+    (":9469", ("0.0.0.0", 9469))])  # an empty host: every IPv4 interface
+def test_metrics_address_forms(address, expected):
+    assert parse(device(top=f'metrics_address = "{address}"')).metrics_address == address
+    assert configuration.check_address(address, "metrics_address") == expected
 
 
 def test_duplicate_device_tables_are_a_toml_error():
@@ -305,7 +322,7 @@ def test_bad_timing(line, key):
     assert error_of(device(body)).startswith(f"device.swap0.timing.{key}:")
 
 
-@pytest.mark.parametrize("value", ['""', "1"])
+@pytest.mark.parametrize("value", ['""', "1", '"run/cramfs"', '"./mnt"'])
 def test_bad_mountpoint(value):
     assert error_of(device(top=f"mountpoint = {value}")).startswith("mountpoint:")
 

@@ -20,13 +20,14 @@ from cramfs import PAGE_SIZE
 from cramfs.device import CompressedDevice, DeviceConfig
 from cramfs.errors import OutOfRange, PoisonedPage, WriteRejected
 from cramfs.watermarks import FailureMode, Policy
+from daemon import config as configuration
+from daemon.addresses import parse_address
 from daemon.devices import DeviceEntry
 from daemon.metrics import (
     LATENCY_BUCKETS,
     OBJECT_BUCKETS,
     Metrics,
     MetricsAddressError,
-    parse_address,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -499,7 +500,7 @@ def test_start_serves_the_registry_and_close_stops_it(dev, metrics):
     dev.write(0, text_pages(2))
     metrics.start("127.0.0.1:0")
     try:
-        host, port = parse_address(metrics.address)
+        host, port = parse_address(metrics.address, "bound")
         assert host == "127.0.0.1" and port > 0
         with urllib.request.urlopen(f"http://{metrics.address}/metrics", timeout=10) as reply:
             body = reply.read().decode()
@@ -527,6 +528,7 @@ def test_port_in_use_raises_metrics_address_error(metrics):
             metrics.start(address)
     message = str(info.value)
     assert address in message and "\n" not in message
+    assert message.startswith("metrics_address: ")  # the key, as the config names it
     assert isinstance(info.value, ValueError)
     assert metrics.address is None
 
@@ -542,10 +544,40 @@ def test_bad_addresses_raise_metrics_address_error(metrics, address):
 
 
 def test_parse_address_forms():
-    assert parse_address("127.0.0.1:9469") == ("127.0.0.1", 9469)
-    assert parse_address("[::1]:9469") == ("::1", 9469)
-    assert parse_address(":9469") == ("0.0.0.0", 9469)
-    assert parse_address("localhost:0") == ("localhost", 0)
+    assert parse_address("127.0.0.1:9469", "k") == ("127.0.0.1", 9469)
+    assert parse_address("[::1]:9469", "k") == ("::1", 9469)
+    assert parse_address(":9469", "k") == ("0.0.0.0", 9469)  # empty host: every IPv4 interface
+    assert parse_address("localhost:0", "k") == ("localhost", 0)
+
+
+@pytest.mark.parametrize("address", [":0", "127.0.0.1:0", "localhost:0", "[::1]:0",
+                                     "nonsense", "::1:0", "[nothost]:0", "127.0.0.1:70000",
+                                     "127.0.0.1:", ":", "host:port"])
+def test_the_config_and_the_endpoint_read_an_address_alike(address):
+    """One parser: what the config accepts the endpoint binds, what it refuses the endpoint
+    refuses with the same message."""
+    try:
+        expected = configuration.check_address(address, "metrics_address")
+        refused = None
+    except configuration.ConfigError as exc:
+        expected, refused = None, str(exc)
+    m = Metrics(lambda: [])
+    try:
+        m.start(address)
+    except MetricsAddressError as exc:
+        if refused is None:  # well-formed but not bindable here (no IPv6 loopback, say)
+            assert "cannot serve metrics" in str(exc)
+            pytest.skip(str(exc))
+        assert str(exc) == refused
+        return
+    try:
+        assert refused is None, refused
+        assert expected is not None
+        host, port = parse_address(m.address, "bound")
+        assert host == expected[0] or (expected[0] == "localhost" and host == "127.0.0.1")
+        assert port > 0
+    finally:
+        m.close()
 
 
 # -- the dashboard and the reference table agree with the exposition ------------------------
