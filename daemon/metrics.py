@@ -1,9 +1,11 @@
 """Prometheus telemetry: live device counters at scrape time, plus request latency.
 
 There is no second set of books. A custom collector reads each device's own gauges and counters
-when Prometheus scrapes, so a scrape costs O(devices + size classes) and never walks pages. The
-one thing the devices do not keep is latency, recorded here by ``Metrics.observe`` from the FUSE
-handlers (a bisect and a counter bump under a lock).
+when Prometheus scrapes, so a scrape costs O(devices + size classes) and never walks pages. What
+it reads is one table, FAMILIES: per family its name, type, help, labels and the function that
+reads a device's value; the collector walks it. The one thing the devices do not keep is
+latency, recorded here by ``Metrics.observe`` from the FUSE handlers (a bisect and a counter
+bump) and exposed after the table.
 
 The collector runs on the HTTP server's thread while the Trio thread changes the devices. Every
 value is one attribute read, so a scrape taken mid-request may mix values from just before and
@@ -43,7 +45,6 @@ from daemon.devices import DeviceEntry
 
 OPS = ("read", "write")
 STATES = tuple(state.value for state in State)  # ok, pressure, full
-LOSS_MODES = ("drop", "poison")
 FATES = ("delivered", "delayed", "dropped")  # InterruptLine.stat()'s order
 
 # Request latency, 10 µs .. 1 s (a page from the pool is tens of µs; a throttled write up to
