@@ -62,14 +62,30 @@ def tune_allocator() -> bool:
       zstd's own threads, the metrics server) would otherwise get an arena of its own (up to 8
       per CPU), each a heap that keeps its peak.
 
-    Measured (tests/bench/rss_bench.py: the default config, `cramfs swapon swap0`, a 320 MiB
-    workload in a 128 MiB memory cgroup; MB beyond the pools, VmRSS minus pool_resident): the
-    daemon idles at 38.5; after one workload glibc's defaults left 62.8-68.0 (the main heap
-    alone 18-23 MB), these settings 53.2-55.1 (heap 7.5-8.7 MB), the same after a second
-    workload. What is left above idle is Python's own small-object allocator (pymalloc): the
-    pool's per-block metadata (~120 B per stored page while the workload runs) fills new 1 MiB
-    arenas, and an arena returns only once every object in it is freed. Returns False (and
-    logs) where mallopt is missing or refuses a parameter (not glibc).
+    Measured here (tests/bench/rss_bench.py: the default config with the metrics endpoint on,
+    `cramfs swapon swap0`, a 320 MiB workload in a 128 MiB memory cgroup, the two daemons in
+    alternating rounds; MB beyond the pools = VmRSS minus every pool_resident): idle 40.2-40.5
+    either way; after the workload glibc's defaults left 66.8 / 77.1 / 77.3 (the main heap
+    20-26 MB; peak 66-107), these settings 61.1 / 56.5 / 64.0 (heap ~10 MB; peak 54-61). With
+    the endpoint off (idle 38.5): defaults 62.8-68.0, these settings 51.9-53.0, no higher after
+    a second or third workload (tests/e2e/test_soak.py: 52.3 / 52.4 / 53.5 after three 256 MiB
+    workloads).
+
+    The price: a block of 128 KiB or more now costs an mmap, page faults and an munmap each
+    time. 1 MiB sequential I/O through a loop device (tests/bench/seq_ab.py, 64 MiB of real
+    pages, 9 alternating rounds, medians; busy 2-CPU host) wrote ~15-20 % slower (e.g. 158 vs
+    195 MB/s) and read 0-20 % slower; the swap workload's elapsed time did not change beyond
+    its noise (108-151 s either way), its writes being mostly under 128 KiB and its reads 4 KiB.
+    A fixed threshold of 2 MiB (1 MiB buffers reused from the heap) with a 32 MiB trim
+    threshold and malloc_trim(0) when idle kept ~25-30 MB of heap after the workload: objects
+    that outlive a burst pin the heap above them, and under mlockall nothing below the top can
+    be returned.
+
+    What is left above idle is mostly Python's small-object allocator (pymalloc), which no
+    mallopt reaches: the pool's per-block metadata (Python objects, ~120 B per stored page
+    while the workload runs) fills new 1 MiB pymalloc arenas, and an arena is returned only
+    once every object in it is freed (after one workload: 8 more arenas, 7 MB of them empty
+    pools). Returns False (and logs) where mallopt is missing or refuses a parameter.
     """
     mallopt = getattr(_libc, "mallopt", None)
     if mallopt is None:
