@@ -185,13 +185,7 @@ class TraceWriter:
 
     # -- records (the hot calls: append under the lock, hand a full batch over) ----------
     def read(self, t: float, offset: int, length: int, status: int = STATUS_OK) -> None:
-        with self._lock:
-            if self._refuse is not None:
-                self._raise()
-            self._parts.append(_pack_record(OP_READ, status, t, offset, length))
-            self._size += RECORD_SIZE
-            if self._size >= self._chunk_bytes:
-                self._hand_off(True)
+        self._append(_pack_record(OP_READ, status, t, offset, length), None)
 
     def write(self, t: float, offset: int, data: bytes | bytearray | memoryview,
               status: int = STATUS_OK) -> None:
@@ -199,42 +193,36 @@ class TraceWriter:
         ``bytes`` (immutable, so as good as a copy and free), copied otherwise."""
         if type(data) is not bytes:
             data = bytes(data)
-        with self._lock:
-            if self._refuse is not None:
-                self._raise()
-            parts = self._parts
-            parts.append(_pack_record(OP_WRITE, status, t, offset, len(data)))
-            parts.append(data)
-            self._size += RECORD_SIZE + len(data)
-            if self._size >= self._chunk_bytes:
-                self._hand_off(True)
+        self._append(_pack_record(OP_WRITE, status, t, offset, len(data)), data)
 
     def discard(self, t: float, offset: int, length: int, status: int = STATUS_OK) -> None:
-        with self._lock:
-            if self._refuse is not None:
-                self._raise()
-            self._parts.append(_pack_record(OP_DISCARD, status, t, offset, length))
-            self._size += RECORD_SIZE
-            if self._size >= self._chunk_bytes:
-                self._hand_off(True)
+        self._append(_pack_record(OP_DISCARD, status, t, offset, length), None)
 
     def event(self, t: float, kind: str, **fields: Any) -> None:
         """A control record: something that changed the device outside a request (a zero
         flush, a writeback batch, compaction, a tunable). Fields must be JSON values (enums
         are stored by value)."""
-        self._append_body(OP_EVENT, t, 0, to_json({"kind": kind, **fields}))
+        body = to_json({"kind": kind, **fields})
+        self._append(_pack_record(OP_EVENT, STATUS_OK, t, 0, len(body)), body)
 
     def initial(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """A run of pages the device held when the trace began (time 0): the snapshot."""
-        self._append_body(OP_INIT, 0.0, offset, bytes(data))
+        body = bytes(data)
+        self._append(_pack_record(OP_INIT, STATUS_OK, 0.0, offset, len(body)), body)
 
-    def _append_body(self, op: int, t: float, offset: int, body: bytes) -> None:
+    def _append(self, record: bytes, body: bytes | None) -> None:
+        """Every record's one way in: append under the lock (a failed background thread is
+        raised here), hand a full batch over."""
         with self._lock:
             if self._refuse is not None:
                 self._raise()
-            self._parts.append(_pack_record(op, STATUS_OK, t, offset, len(body)))
-            self._parts.append(body)
-            self._size += RECORD_SIZE + len(body)
+            parts = self._parts
+            parts.append(record)
+            size = RECORD_SIZE
+            if body is not None:
+                parts.append(body)
+                size += len(body)
+            self._size += size
             if self._size >= self._chunk_bytes:
                 self._hand_off(True)
 

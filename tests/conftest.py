@@ -72,10 +72,10 @@ def _zram() -> str | None:
 
 def _fuse_fallocate() -> str | None:
     try:
-        import pyfuse3
+        from daemon.capabilities import discard_supported
     except ImportError:
         return "pyfuse3 not installed (./install.sh)"
-    if hasattr(pyfuse3.Operations, "fallocate"):
+    if discard_supported():
         return None
     return "this pyfuse3 has no fallocate: build the patched one with ./install.sh"
 

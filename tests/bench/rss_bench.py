@@ -76,26 +76,24 @@ UNTUNED = ("import sys; from daemon import system; system.tune_allocator = lambd
            "from daemon.main import main; sys.exit(main())")
 
 
-def proc_status(pid: int) -> dict[str, int]:
+def kb_fields(path: str) -> dict[str, int]:
+    """The ``Key:  N kB`` lines of a /proc file (status, smaps_rollup), in bytes."""
     out = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(path) as f:
         for line in f:
             key, _, rest = line.partition(":")
             parts = rest.split()
             if len(parts) == 2 and parts[1] == "kB":
                 out[key] = int(parts[0]) * 1024
     return out
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    return kb_fields(f"/proc/{pid}/status")
 
 
 def smaps_rollup(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                out[key] = int(parts[0]) * 1024
-    return out
+    return kb_fields(f"/proc/{pid}/smaps_rollup")
 
 
 def heap_rss(pid: int) -> int:
