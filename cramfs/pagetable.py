@@ -8,6 +8,7 @@ Poisoned pages are rare, so they live in a set rather than costing a bit on ever
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator
 
 EMPTY = 0  # never written, or released by a zero write: reads as zeros, costs nothing
 SAME = 1  # one repeated 8-byte word (not zero): costs no pool space
@@ -20,6 +21,12 @@ STATE_NAMES = {EMPTY: "empty", SAME: "same", COMPRESSED: "compressed", HUGE: "hu
 
 LENGTH_MASK = 0x1FFF
 STATE_SHIFT = 13
+
+
+def fixed_bytes(pages: int) -> int:
+    """Metadata a table for ``pages`` advertised pages costs before anything is stored.
+    Config validation refuses a size whose fixed cost the machine could not hold."""
+    return 10 * pages
 
 
 class PageTable:
@@ -43,6 +50,17 @@ class PageTable:
     def clear(self, index: int) -> None:
         self.meta[index] = 0
         self.loc[index] = 0
+
+    def stored_indices(self) -> Iterator[int]:
+        """Indices of every page that is not EMPTY, in ascending order."""
+        meta = self.meta
+        for base in range(0, self.pages, 4096):
+            top = min(base + 4096, self.pages)
+            if meta[base:top].count(0) == top - base:
+                continue
+            for index in range(base, top):
+                if meta[index]:
+                    yield index
 
     @property
     def metadata_bytes(self) -> int:

@@ -636,24 +636,17 @@ def write_snapshot(writer: TraceWriter, device: CompressedDevice) -> int:
     """Record every non-empty page of ``device`` as initial-state records (runs of up to
     SNAPSHOT_RUN adjacent pages). Returns pages recorded. Runs on the device's thread: it
     reads the pool."""
-    meta = device.table.meta
     pages = 0
     run_start, run = -1, bytearray()
-    for base in range(0, device.pages, 4096):
-        top = min(base + 4096, device.pages)
-        if meta[base:top].count(0) == top - base:
-            continue
-        for index in range(base, top):
-            if not meta[index]:
-                continue
-            if run and (index != run_start + len(run) // PAGE_SIZE
-                        or len(run) >= SNAPSHOT_RUN * PAGE_SIZE):
-                writer.initial(run_start << PAGE_SHIFT, run)
-                run = bytearray()
-            if not run:
-                run_start = index
-            run += device._page_bytes(index)
-            pages += 1
+    for index in device.table.stored_indices():
+        if run and (index != run_start + len(run) // PAGE_SIZE
+                    or len(run) >= SNAPSHOT_RUN * PAGE_SIZE):
+            writer.initial(run_start << PAGE_SHIFT, run)
+            run = bytearray()
+        if not run:
+            run_start = index
+        run += device._page_bytes(index)
+        pages += 1
     if run:
         writer.initial(run_start << PAGE_SHIFT, run)
     return pages
