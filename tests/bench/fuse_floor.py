@@ -1,4 +1,5 @@
-"""How much of cramfs's time is the Python FUSE path itself (issue 8's "what would move it").
+"""How much of cramfs's time is the Python FUSE path itself: the floor any cramfs speed-up
+runs into.
 
     python tests/bench/fuse_floor.py [--mib 64] [--rounds 3] [--seconds 5]
 

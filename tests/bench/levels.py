@@ -1,4 +1,4 @@
-"""Choose the zstd level by measurement (issue 8): speed against memory, level by level.
+"""Choose the zstd level by measurement: speed against memory, level by level.
 
     python tests/bench/levels.py [--mib 64] [--levels 3 1 -1 -2 -3 -5] [--rounds 3]
                                  [--data real|synthetic] [--json PATH]
@@ -11,9 +11,10 @@ mem_used_total; kernel zram's mem_used_total on the same pages (its default algo
 measured once in the same run) is the memory reference. Levels are measured in interleaved
 rounds and the best round kept, so a noisy neighbour hurts every level alike.
 
-Prints one row per level, the levels whose pool stays within 0.9x zram's memory (issue 8's
-memory target) and the fastest of those. The device path leaves FUSE out: confirm a level
-through the whole path with ``compare.py --level N``. Needs root only for the zram reference.
+Prints one row per level, the levels whose pool stays within 0.9x zram's memory (the memory
+target: at most 0.9x zram's mem_used_total on the same pages) and the fastest of those. The
+device path leaves FUSE out: confirm a level through the whole path with
+``compare.py --level N``. Needs root only for the zram reference.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""zswap benchmark (issue 6): store/load pages/s with the pool full and writeback running.
+"""zswap benchmark: store/load pages/s with the pool full and writeback running.
 
     python tests/bench/zswap_bench.py [--mib N] [--pool-mib N] [--request-pages N]
 

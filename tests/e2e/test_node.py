@@ -1,4 +1,4 @@
-"""Issue 5 end to end: the compressed-RAM node on a mounted daemon.
+"""End to end: the compressed-RAM node on a mounted daemon.
 
 Capacity lie and write control (reject), the emulated watermark interrupt (poll(2)), release by
 zero writes, compressible data beyond the pool, failure emulation (policy none: poison, drop),

@@ -1,4 +1,4 @@
-"""systemd integration (issue 7): the units verify clean, sd_notify is honest, SIGHUP reloads."""
+"""systemd integration: the units verify clean, sd_notify is honest, SIGHUP reloads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6 end to end: a mounted zswap device (compressed cache + backing file + shrinker)."""
+"""End to end: a mounted zswap device (compressed cache + backing file + shrinker)."""
 
 from __future__ import annotations
 
