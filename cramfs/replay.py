@@ -1,9 +1,15 @@
 """What-if replay: run a recorded trace through the device model under other settings.
 
-No mount, no root, no threads of our own: a replay is the device model fed the trace's
-records in order, on the trace's clock. Time-based behaviour (the zero flush, zswap's
-shrinker, time spent in each watermark state) follows the recorded times, and throttle delays
-are counted, never slept, so the same trace and settings give the same numbers every time.
+No mount, no root: a replay is the device model fed the trace's records in order, on the
+trace's clock. Time-based behaviour (the zero flush, zswap's shrinker, time spent in each
+watermark state) follows the recorded times, and throttle delays are counted, never slept, so
+the same trace and settings give the same numbers every time.
+
+What does not depend on the device's state runs ahead on a thread of its own: reading and
+decompressing the trace's chunks, and compressing the written pages (a pure function of their
+bytes and the codec's settings, so the device takes the very encodings it would have made).
+The device itself is driven on one thread, in the trace's order. A recorded read is fetched
+(checks, counters, poison) but not decompressed: nothing in a replay uses its bytes.
 
 Variant 1 is the device as recorded; there the flushes and writeback batches the daemon
 logged are replayed where they happened, which reproduces the live device's final state
@@ -19,16 +25,20 @@ import enum
 import importlib
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
 import types
 import typing
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cramfs import PAGE_SHIFT
+from cramfs import PAGE_SHIFT, PAGE_SIZE
+from cramfs.codec import Codec, Encoded
 from cramfs.device import CompressedDevice, Counters, DeviceConfig
 from cramfs.errors import BackingError, OutOfRange, PoisonedPage, WriteRejected
 from cramfs.sizes import format_size, format_size_approx, parse_size
@@ -291,6 +301,134 @@ def _after(start: float, step: float, horizon: float) -> float:
     return start + step * (math.floor((horizon - start) / step) + 1)
 
 
+# -- work done ahead of the device ------------------------------------------------------------
+AHEAD_CHUNKS = 2  # prepared chunks waiting for the device: memory stays a few chunks' worth
+Expected = tuple[bytes, list[Encoded]]  # a write's whole pages and their encodings
+
+
+class ExpectingCodec(Codec):
+    """A device codec that takes the encodings of the next write's whole pages as made ahead
+    (``expected``), when it is asked for exactly those bytes; anything else it encodes itself.
+    Encoding is a pure function of the bytes and the settings, and the encodings were made by
+    a Codec of the same settings with the same call the device would make (encode_batch gives
+    encode_page's kinds, fills and bytes per page), so the device stores the same thing."""
+
+    expected: Expected | None = None
+
+    def encode_page(self, page: bytes) -> Encoded:
+        expected = self.expected
+        if expected is not None and len(expected[1]) == 1 and (
+                page is expected[0] or page == expected[0]):
+            self.expected = None
+            return expected[1][0]
+        return super().encode_page(page)
+
+    def encode_batch(self, data: bytes | memoryview) -> list[Encoded]:
+        expected = self.expected
+        if expected is not None and len(data) == len(expected[0]):
+            if type(data) is not bytes:
+                data = bytes(data)  # what Codec.encode_batch would copy; compared by memcmp
+            if data is expected[0] or data == expected[0]:
+                self.expected = None
+                return list(expected[1])
+        return super().encode_batch(data)
+
+
+def expecting_codec(device: CompressedDevice) -> tuple[ExpectingCodec, Codec]:
+    """Give ``device`` an ExpectingCodec of its codec's settings, and return it with a plain
+    one of the same settings for the read-ahead thread (zstd contexts are per thread, and the
+    device's codec must not see the thread's calls)."""
+    own = device.codec
+    settings = (own.level, own.huge_threshold, own.threads, own.compressor)
+    own.close()
+    codec = device.codec = ExpectingCodec(*settings)
+    return codec, Codec(*settings)
+
+
+Prepared = tuple[list[RawRecord], list[Expected | None]]
+
+
+def prepare_chunk(records: list[RawRecord], codec: Codec) -> Prepared:
+    """A chunk's records with each write's data as bytes (what the daemon hands the device)
+    and the encodings of its whole pages: one encode_batch call for the whole chunk, split
+    per write afterwards (each page is encoded on its own, so the split changes nothing)."""
+    expects: list[Expected | None] = [None] * len(records)
+    parts: list[bytes] = []
+    spans: list[tuple[int, bytes, int]] = []  # record index, its whole pages, their count
+    for index, (op, status, t, offset, length, body) in enumerate(records):
+        if body is None or (op != OP_WRITE and op != OP_INIT):
+            continue
+        data = bytes(body)
+        records[index] = (op, status, t, offset, length, data)
+        head = offset & (PAGE_SIZE - 1)
+        start = min(PAGE_SIZE - head, length) if head else 0
+        count = (length - start) >> PAGE_SHIFT
+        if count:
+            whole = data if start == 0 and count << PAGE_SHIFT == length \
+                else data[start:start + (count << PAGE_SHIFT)]
+            parts.append(whole)
+            spans.append((index, whole, count))
+    if parts:
+        encoded = codec.encode_batch(parts[0] if len(parts) == 1 else b"".join(parts))
+        at = 0
+        for index, whole, count in spans:
+            expects[index] = (whole, encoded[at:at + count])
+            at += count
+    return records, expects
+
+
+def prepared_chunks(reader: TraceReader, codec: Codec) -> Iterator[Prepared]:
+    for records in reader.chunks():
+        yield prepare_chunk(records, codec)
+
+
+_DONE = object()
+
+
+_T = typing.TypeVar("_T")
+
+
+def ahead(items: Iterator[_T], depth: int = AHEAD_CHUNKS) -> Iterator[_T]:
+    """``items``, made on a thread of their own up to ``depth`` ahead of the consumer. An
+    exception the thread meets is raised here, in order; a consumer that stops early stops
+    the thread."""
+    made: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+            return
+        put((True, _DONE))
+
+    thread = threading.Thread(target=run, name="cramfs-replay-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = made.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class _Replay:
     """One variant's run: the device, the trace clock and what the report needs."""
 
@@ -298,6 +436,9 @@ class _Replay:
                  settings: Settings, path: str | os.PathLike[str] = "<trace>") -> None:
         self.path = os.fspath(path)
         self.device = device
+        # set by run_chunk before each write: its pages as encoded ahead (see ExpectingCodec)
+        self.codec = device.codec if isinstance(device.codec, ExpectingCodec) else None
+        self.replies: dict[int, bytearray] = {}  # large reads' buffers, reused (see _read)
         self.pool = device.pool
         self.watermarks = device.watermarks
         self.pinned = set(settings)
@@ -334,23 +475,30 @@ class _Replay:
         self.initial_state = header.get("initial") or {}
 
     # -- the loop ---------------------------------------------------------------------------
-    def run_chunk(self, records: list[RawRecord]) -> None:
-        """Apply one chunk's records. Kept lean: the clock is only looked after when a tick
-        or a timeline point is due; state time is kept by a watermark listener."""
+    def run_chunk(self, records: list[RawRecord],
+                  expects: list[Expected | None] | None = None) -> None:
+        """Apply one chunk's records (``expects``: each write's pages as encoded ahead, see
+        prepare_chunk). Kept lean: the clock is only looked after when a tick or a timeline
+        point is due; state time is kept by a watermark listener."""
+        if expects is None or self.codec is None:
+            expects = [None] * len(records)
         if not self.initial_done:
-            records = self._initial(records)
-        device, pool = self.device, self.pool
+            records, expects = self._initial(records, expects)
+        device, pool, codec = self.device, self.pool, self.codec
         write, read, discard = self._write, self._read, self._discard
         counts = self.counts
         changed = 0
         started = time.process_time()
-        for op, status, t, offset, length, body in records:
+        for (op, status, t, offset, length, body), expected in zip(records, expects,
+                                                                    strict=True):
             if t > self.now:
                 if t >= self.next_due:
                     self._advance(t)
                 else:
                     self.now = t
             if op == OP_WRITE:
+                if codec is not None:
+                    codec.expected = expected
                 got = write(device, offset, body)
             elif op == OP_READ:
                 got = read(device, offset, length)
@@ -373,29 +521,42 @@ class _Replay:
         self.changed += changed
 
     @staticmethod
-    def _write(device: CompressedDevice, offset: int, body: memoryview | None) -> int:
+    def _write(device: CompressedDevice, offset: int, body: bytes | memoryview | None) -> int:
         assert body is not None
         return _outcome(device.write, offset, body)
 
-    @staticmethod
-    def _read(device: CompressedDevice, offset: int, length: int) -> int:
-        return _outcome(device.read, offset, length)
+    def _read(self, device: CompressedDevice, offset: int, length: int) -> int:
+        """A read as the device serves it (range, poison, counters, second-chance bits:
+        ``fetch``), without ``decode``: decompression changes nothing and nothing here
+        reads the bytes. A large read's buffer is reused, as the daemon reuses its replies."""
+        size = device.reply_size(offset, length)
+        reply = self.replies.pop(size, None)
+        try:
+            plan = device.fetch(offset, length, reply)
+        except (WriteRejected, OutOfRange, PoisonedPage, BackingError) as exc:
+            return status_of(exc)
+        if plan.out is not None:
+            self.replies[size] = plan.out
+        return STATUS_OK
 
     @staticmethod
     def _discard(device: CompressedDevice, offset: int, length: int) -> int:
         return _outcome(device.discard, offset, length)
 
-    def _initial(self, records: list[RawRecord]) -> list[RawRecord]:
+    def _initial(self, records: list[RawRecord], expects: list[Expected | None]
+                 ) -> tuple[list[RawRecord], list[Expected | None]]:
         """Apply the leading snapshot records (the device's contents when the trace began);
         once a request follows, start the counters afresh: they are relative from here."""
         for index, (op, _status, _t, offset, length, body) in enumerate(records):
             if op != OP_INIT:
                 self._initial_end()
-                return records[index:]
+                return records[index:], expects[index:]
+            if self.codec is not None:
+                self.codec.expected = expects[index]
             if self._write(self.device, offset, body) != STATUS_OK:
                 self.initial_refused += length >> PAGE_SHIFT
             self.initial_pages += length >> PAGE_SHIFT
-        return []
+        return [], []
 
     def _initial_end(self) -> None:
         """Restore what writes cannot (poisoned and dropped pages, the allocation gate, the
@@ -569,15 +730,17 @@ def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> di
             tempfile.TemporaryDirectory(prefix="cramfs-replay-") as workdir:
         header = reader.header
         device = build_device(header, settings, Path(workdir))
+        _, ahead_codec = expecting_codec(device)
         try:
             run = _Replay(device, header, settings, path)
-            for chunk in reader.chunks():
-                run.run_chunk(chunk)
+            for records, expects in ahead(prepared_chunks(reader, ahead_codec)):
+                run.run_chunk(records, expects)
             run.finish(reader.end_time)
             result = _report(run, settings)
             result["trace"] = _trace_summary(reader, run)
         finally:
             device.close()
+            ahead_codec.close()
     result["wall_seconds"] = time.perf_counter() - wall
     moved = run.counts[-OP_WRITE] + run.counts[-OP_READ]
     result["pages_per_second"] = (moved >> PAGE_SHIFT) / result["wall_seconds"]

@@ -386,7 +386,9 @@ class Record(NamedTuple):
     fields: dict[str, Any] | None = None
 
 
-RawRecord = tuple[int, int, float, int, int, memoryview | None]
+# op, status, t, offset, length, body: a memoryview into the chunk (bytes once replay has
+# copied a write's data out)
+RawRecord = tuple[int, int, float, int, int, memoryview | bytes | None]
 
 
 class TraceReader:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--data", choices=("real", "synthetic"), default="real")
+    parser.add_argument("--keep-trace", type=Path, metavar="PATH",
+                        help="copy the last recorded round's trace here, with its live "
+                             "pages/s in PATH.json, for profiling replay without root")
     args = parser.parse_args(argv)
     nbytes = args.mib * MiB
     cramfsd = str(Path(sys.executable).parent / "cramfsd")
@@ -84,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                     results[recording].append(result)
                     compare.say(f"round {index + 1} recording={recording}: {result}")
             trace_bytes = last_trace.stat().st_size
+            if args.keep_trace is not None:
+                shutil.copyfile(last_trace, args.keep_trace)
+                args.keep_trace.with_suffix(".json").write_text(json.dumps(
+                    {"live_pages_per_s": results[True][-1]["live_pages_per_s"],
+                     "pages": results[True][-1]["pages"]}))
             done = subprocess.run([sys.executable, "-m", "daemon.cli", "replay",
                                    str(last_trace), "--json"], capture_output=True, text=True,
                                   timeout=1200, cwd=HERE.parent.parent)

@@ -7,24 +7,30 @@ import dataclasses
 import importlib.util
 import json
 import random
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cramfs import PAGE_SIZE
+from cramfs.codec import Codec
 from cramfs.device import CompressedDevice, DeviceConfig
 from cramfs.errors import DeviceError, InjectedFault
 from cramfs.replay import (
     TIMING_KEYS,
+    ExpectingCodec,
     ReplayError,
+    ahead,
     parse_settings,
+    prepare_chunk,
     render_table,
     replay,
     replay_all,
 )
 from cramfs.timing import TimingConfig
-from cramfs.trace import TraceWriter, start_trace, status_of
+from cramfs.trace import OP_READ, OP_WRITE, RawRecord, TraceWriter, start_trace, status_of
 from cramfs.watermarks import FailureMode, Policy
 from cramfs.zswap import ZswapDevice
 from daemon import replay_cli
@@ -382,6 +388,116 @@ def test_truncated_trace_replays_up_to_its_last_chunk(tmp_path: Path) -> None:
     result = replay(path)
     assert result["trace"]["truncated"]
     assert 0 < result["trace"]["requests"]["write"] < whole
+
+
+def encoding(item: Any) -> tuple[int, int, bool, bytes]:
+    return item.kind, item.fill, item.poor, bytes(item.payload)
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "deflate"])
+def test_pages_encoded_ahead_are_what_the_device_would_make(compressor: str) -> None:
+    """One encode_batch over a chunk's writes, split per write, gives each write's whole
+    pages exactly as encode_page does them: kind, fill word, poor flag and bytes."""
+    rng = random.Random(4)
+    codec = Codec(1 if compressor == "zstd" else None, threads=2, compressor=compressor)
+    records: list[RawRecord] = []
+    for i in range(60):
+        count = rng.choice((1, 1, 3, 17, 40))
+        data = b"".join(page(rng, i) for _ in range(count))
+        offset = rng.randrange(256) * P + rng.choice((0, 0, 0, 100))
+        records.append((OP_WRITE, 0, i / 100, offset, len(data), memoryview(data)))
+        records.append((OP_READ, 0, i / 100, offset, P, None))
+    try:
+        prepared, expects = prepare_chunk(list(records), codec)
+        for (_, _, _, offset, length, body), expected in zip(prepared, expects, strict=True):
+            if body is None:
+                assert expected is None
+                continue
+            assert type(body) is bytes
+            head = (P - offset % P) % P
+            whole = body[head:head + (length - head) // P * P]
+            if not whole:  # an unaligned page: two partial pages, merged by the device
+                assert expected is None
+                continue
+            assert expected is not None and expected[0] == whole
+            assert [encoding(e) for e in expected[1]] == [
+                encoding(codec.encode_page(whole[i:i + P])) for i in range(0, len(whole), P)]
+    finally:
+        codec.close()
+
+
+def test_the_device_thread_neither_compresses_nor_decompresses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aligned writes, reads and discards: every page the device stores was encoded ahead,
+    and no read is decompressed; the result is still the live device's."""
+    path = tmp_path / "node.trace"
+    device = CompressedDevice(DeviceConfig(size=512 * P, pool=64 * P, level=1, low=0.6,
+                                           high=0.8))
+    rng = random.Random(9)
+    try:
+        rec = Recorder(device, start_trace(path, "node0", "node", device, chunk_bytes=64 << 10))
+        for i in range(800):
+            rec.tick(rng)
+            first, r = rng.randrange(480), rng.random()
+            if r < 0.6:
+                rec.write(first * P, b"".join(page(rng, i) for _ in range(rng.choice((1, 20)))))
+            elif r < 0.9:
+                rec.read(first * P, rng.choice((P, 20 * P)))
+            else:
+                rec.discard(first * P, rng.randrange(1, 8) * P)
+        rec.writer.close(rec.t)
+        live = live_numbers(device)
+    finally:
+        device.close()
+    main = threading.current_thread()
+    calls: list[str] = []
+
+    def watch(name: str) -> None:
+        original = getattr(Codec, name)
+
+        def watched(self: Codec, *args: Any) -> Any:
+            if isinstance(self, ExpectingCodec) and threading.current_thread() is main:
+                calls.append(name)
+            return original(self, *args)
+
+        monkeypatch.setattr(Codec, name, watched)
+
+    for name in ("encode_page", "encode_batch", "encode_pages", "decode_pages",
+                 "decode_joined", "inflate_runs", "decompress"):
+        watch(name)
+    result = replay(path)
+    assert replayed_numbers(result) == live
+    assert live["counters"]["read_requests"] > 100 and live["counters"]["discard_requests"]
+    assert calls == []
+
+
+def test_ahead_keeps_order_raises_in_order_and_stops_early() -> None:
+    assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("torn")
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="torn"):
+        for item in ahead(failing()):
+            got.append(item)
+    assert got == [1, 2]
+    made: list[int] = []
+
+    def endless() -> Iterator[int]:
+        n = 0
+        while True:
+            made.append(n)
+            yield n
+            n += 1
+
+    stream = ahead(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer stops: so does the thread, a few items ahead at most
+    assert len(made) <= 5
+    assert not [t for t in threading.enumerate() if t.name == "cramfs-replay-ahead"]
 
 
 def test_parse_settings() -> None:
