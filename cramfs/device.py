@@ -143,6 +143,9 @@ _BACKING = -3  # phase-1 marker: written to the backing file (zswap)
 class CompressedDevice:
     """A zram-like device: page table + bounded pool + codec + watermarks."""
 
+    # Keep a referenced bit per stored page (an LRU's second chance; zswap's writeback).
+    TRACKS_REFERENCES = False
+
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
         self.size = config.size
@@ -151,7 +154,7 @@ class CompressedDevice:
                            config.compressor)
         self.pool = ZsPool(config.pool, largest_compressed=config.huge_threshold)
         self.pool.on_move = self._moved
-        self.table = pt.PageTable(self.pages)
+        self.table = pt.PageTable(self.pages, referenced=self.TRACKS_REFERENCES)
         self.watermarks = Watermarks(self.pool.capacity, config.low, config.high)
         self.interrupts = InterruptLine(config.interrupts)
         # The allocation gate: while closed, writes that need new pool space fail ENOSPC.
@@ -180,7 +183,6 @@ class CompressedDevice:
         # zswap (cramfs.zswap) plugs a backing file in; plain devices have none.
         self.backing: BackingStore | None = None
         self.backing_pages = 0
-        self.referenced: bytearray | None = None  # second-chance bits, when there is an LRU
 
     # -- ranges -------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:
@@ -227,11 +229,16 @@ class CompressedDevice:
         if not data or not self.no_alloc and (self.policy is not Policy.REJECT
                                               or wm.state is State.OK):
             return
-        meta, shift = self.table.meta, pt.STATE_SHIFT
+        table = self.table
+        shift, mask = pt.STATE_SHIFT, table.chunk_mask
         start = -offset & (PAGE_SIZE - 1)
         index = (offset + start) >> PAGE_SHIFT
+        meta = table.view(index).meta
         for pos in range(start, len(data) - PAGE_SIZE + 1, PAGE_SIZE):
-            state = meta[index] >> shift
+            slot = index & mask
+            if not slot:
+                meta = table.view(index).meta
+            state = meta[slot] >> shift
             index += 1
             if state == pt.COMPRESSED or state == pt.HUGE:
                 continue  # it might shrink into its slot
@@ -339,6 +346,7 @@ class CompressedDevice:
         pool = self.pool
         if pool.slack:
             pool.compact_pending()
+        self.table.give_back()
         self.watermarks.update(pool.used_bytes, alloc_failed=alloc_failed)
 
     def _recheck_full(self) -> None:
@@ -420,29 +428,33 @@ class CompressedDevice:
             index = first + i
             state = table.state(index)
             need = pool.class_of(len(item.payload)).size
-            if state not in (pt.COMPRESSED, pt.HUGE) or pool.slot_size(table.loc[index]) < need:
+            if state not in (pt.COMPRESSED, pt.HUGE) \
+                    or pool.slot_size(table.location(index)) < need:
                 return True
         return False
 
     def _place_all(self, first: int, encoded: list[Encoded]) -> list[int]:
         """Phase 1: allocate and fill new slots, touching nothing the table points at."""
-        pool, pending = self.pool, self._pending
-        meta, loc = self.table.meta, self.table.loc
+        pool, pending, table = self.pool, self._pending, self.table
         class_of, slot_size, alloc_in, write = (pool.class_of, pool.slot_size, pool.alloc_in,
                                                 pool.write)
-        same, shift = enc.SAME, pt.STATE_SHIFT
+        same, shift, mask = enc.SAME, pt.STATE_SHIFT, table.chunk_mask
         backing = self.backing
+        chunk = table.view(first)
         placed = []
         for i, item in enumerate(encoded):
+            index = first + i
+            slot = index & mask
+            if not slot:
+                chunk = table.view(index)
             if item.kind == same:
                 placed.append(0)
                 continue
-            index = first + i
             payload = item.payload
             cls = class_of(len(payload))
-            state = meta[index] >> shift
-            old_size = slot_size(loc[index]) if state == pt.COMPRESSED or state == pt.HUGE \
-                else 0
+            state = chunk.meta[slot] >> shift
+            old_size = slot_size(chunk.loc[slot]) if state == pt.COMPRESSED \
+                or state == pt.HUGE else 0
             if backing is not None and not self._pool_accepts(item):
                 self._write_backing(index, item)
                 placed.append(_BACKING)
@@ -472,23 +484,27 @@ class CompressedDevice:
         class free). Each page gets its new object and then gives up its old one, as zram does
         page by page; the books end exactly as _place_all + _apply leave them."""
         table, pool, counters = self.table, self.pool, self.counters
-        meta, loc = table.meta, table.loc
         class_of, store, write, slot_size = pool.class_of, pool.store, pool.write, pool.slot_size
         forget = self._forget
         same_kind, huge_kind = enc.SAME, enc.HUGE
         compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
-        shift = pt.STATE_SHIFT
+        shift, mask = pt.STATE_SHIFT, table.chunk_mask
         same_meta = pt.SAME << shift
         defer_zero = bool(self.zero_flush_interval)
         marked = bool(self.poisoned or self.lost)
-        referenced = self.referenced
+        chunk = table.writable(first)
+        meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
         stored = same = huge = compr = notify = huge_since = poor = 0
         index = first
         for item in encoded:
             if marked:
                 self.poisoned.discard(index)
                 self.lost.discard(index)
-            m = meta[index]
+            slot = index & mask
+            if not slot:
+                chunk = table.writable(index)
+                meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
+            m = meta[slot]
             if item.kind == same_kind:
                 fill = item.fill
                 if fill == 0:  # a release (our discard): the entry stays empty
@@ -498,8 +514,8 @@ class CompressedDevice:
                 else:
                     if m:
                         forget(index, free=True)
-                    meta[index] = same_meta
-                    loc[index] = fill
+                    meta[slot] = same_meta
+                    loc[slot] = fill
                     same += 1
                     stored += 1
                 index += 1
@@ -509,7 +525,7 @@ class CompressedDevice:
             cls = class_of(length)
             state = m >> shift
             if state in (compressed_state, huge_state):
-                handle = loc[index]
+                handle = loc[slot]
                 if slot_size(handle) == cls.size:
                     forget(index, free=False)
                     write(handle, payload)
@@ -521,15 +537,15 @@ class CompressedDevice:
                     forget(index, free=True)
                 handle = store(cls, index, payload)
             if item.kind == huge_kind:
-                meta[index] = (huge_state << shift) | length
+                meta[slot] = (huge_state << shift) | length
                 huge += 1
                 huge_since += 1
                 poor += item.poor
             else:
-                meta[index] = (compressed_state << shift) | length
-            loc[index] = handle
+                meta[slot] = (compressed_state << shift) | length
+            loc[slot] = handle
             if referenced is not None:
-                referenced[index] = 1
+                referenced[slot] = 1
             compr += length
             stored += 1
             index += 1
@@ -565,8 +581,13 @@ class CompressedDevice:
                result: WriteResult) -> None:
         """Phase 2: point the table at the new objects and free the old ones."""
         table, pool, pending, counters = self.table, self.pool, self._pending, self.counters
+        shift, mask = pt.STATE_SHIFT, table.chunk_mask
+        chunk = table.writable(first)
         for i, item in enumerate(encoded):
             index = first + i
+            slot = index & mask
+            if not slot:
+                chunk = table.writable(index)
             marker = placed[i]
             if marker == _FAILED:
                 result.lost_pages += 1
@@ -580,17 +601,19 @@ class CompressedDevice:
                 self.mending.pop(index, None)  # freshly poisoned: nothing is kept for it yet
                 continue
             kind = item.kind
-            was_empty = table.meta[index] == 0
+            meta, loc = chunk.meta, chunk.loc
+            was_empty = meta[slot] == 0
             if marker == _BACKING:
                 self._forget(index, free=True, keep_backing=True)
-                table.set(index, pt.BACKING, PAGE_SIZE, 0)
+                meta[slot] = (pt.BACKING << shift) | PAGE_SIZE
+                loc[slot] = 0
                 self.backing_pages += 1
                 self.pages_stored += 1
                 self.poisoned.discard(index)
                 self.lost.discard(index)
                 continue
             if marker == _INPLACE:
-                handle = table.loc[index]
+                handle = loc[slot]
                 self._forget(index, free=False)
                 pool.write(handle, item.payload)
             else:
@@ -607,14 +630,16 @@ class CompressedDevice:
                     # A zero page is a release (our discard): the entry stays empty.
                     counters.notify_free += not was_empty
                     continue
-                table.set(index, pt.SAME, 0, item.fill)
+                meta[slot] = pt.SAME << shift
+                loc[slot] = item.fill
                 self.same_pages += 1
             else:
                 length = len(item.payload)
                 state = pt.COMPRESSED if kind == enc.COMPRESSED else pt.HUGE
-                table.set(index, state, length, handle)
-                if self.referenced is not None:
-                    self.referenced[index] = 1
+                meta[slot] = (state << shift) | length
+                loc[slot] = handle
+                if chunk.ref is not None:
+                    chunk.ref[slot] = 1
                 self.compr_data_size += length
                 if kind == enc.HUGE:
                     self.huge_pages += 1
@@ -630,9 +655,12 @@ class CompressedDevice:
         leaving the backing file gets its block punched out, unless ``keep_backing`` (it was
         just rewritten there)."""
         table = self.table
-        state = table.state(index)
-        if state == pt.EMPTY:
+        chunk = table.view(index)
+        slot = index & table.chunk_mask
+        entry = chunk.meta[slot]
+        if not entry:
             return
+        state = entry >> pt.STATE_SHIFT
         self.pages_stored -= 1
         if state == pt.SAME:
             self.same_pages -= 1
@@ -641,10 +669,10 @@ class CompressedDevice:
             if not keep_backing and self.backing is not None:
                 self.backing.punch(index)
         elif state in (pt.COMPRESSED, pt.HUGE):
-            self.compr_data_size -= table.length(index)
+            self.compr_data_size -= entry & pt.LENGTH_MASK
             if state == pt.HUGE:
                 self.huge_pages -= 1
-            handle = table.loc[index]
+            handle = chunk.loc[slot]
             if defer:
                 self.pool.set_owner(handle, RELEASED_OWNER)
                 self.releasing.add(handle)
@@ -699,7 +727,7 @@ class CompressedDevice:
             if index in self.poisoned:  # as a partial write: its other bytes are gone
                 self.counters.failed_writes += 1
                 raise PoisonedPage(index)
-            if self.table.meta[index] == 0:
+            if self.table.entry(index) == 0:
                 continue  # nothing stored: it reads as zeros already
             page = bytearray(self._page_bytes(index))
             page[start:start + count] = bytes(count)
@@ -731,18 +759,21 @@ class CompressedDevice:
 
     def _release_pages(self, first: int, stop: int) -> int:
         """Drop pages ``first .. stop - 1`` from the books: the whole-page half of discard.
-        Runs of empty pages are skipped a chunk at a time (a discard can cover gigabytes)."""
-        meta = self.table.meta
+        Only allocated chunks are visited (a discard can cover the whole advertised size:
+        swapon discards the device)."""
+        table = self.table
         defer = bool(self.zero_flush_interval)
         released = 0
-        chunk = 4096
-        for base in range(first, stop, chunk):
-            top = min(base + chunk, stop)
-            if meta[base:top].count(0) == top - base:
+        forget = self._forget
+        for number in table.chunk_numbers(first, stop):
+            meta = table.chunks[number].meta
+            base = number << table.chunk_shift
+            lo, hi = max(first - base, 0), min(stop - base, table.chunk_pages)
+            if meta[lo:hi].count(0) == hi - lo:
                 continue
-            for index in range(base, top):
-                if meta[index]:
-                    self._forget(index, free=not defer, defer=defer)
+            for slot in range(lo, hi):
+                if meta[slot]:
+                    forget(base + slot, free=not defer, defer=defer)
                     released += 1
         if self.poisoned or self.lost:
             for pages in (self.poisoned, self.lost):
@@ -781,7 +812,7 @@ class CompressedDevice:
         elif self._pending.get(owner) == old:
             self._pending[owner] = new
         else:
-            self.table.loc[owner] = new
+            self.table.set_location(owner, new)
 
     # -- reads --------------------------------------------------------------------------
     def fetch(self, offset: int, length: int, out: bytearray | None = None,
@@ -792,7 +823,7 @@ class CompressedDevice:
         a page fault per page); its old contents do not matter. ``buffer``: decode may
         return that buffer (the plan's ``out``) or a view of it instead of bytes."""
         self.check_range(offset, length)
-        referenced = self.referenced
+        table = self.table
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1
         if last - first + 1 >= enc.PARALLEL_BATCH_PAGES and self.codec.batch_reads:
@@ -805,8 +836,7 @@ class CompressedDevice:
                 self.counters.failed_reads += 1
                 raise PoisonedPage(index)
             pages.append(self._page_item(index))
-            if referenced is not None:
-                referenced[index] = 1
+            table.reference(index)
         self.counters.read_requests += 1
         self.counters.read_bytes += length
         return ReadPlan(offset, length, pages)
@@ -825,9 +855,10 @@ class CompressedDevice:
         out of the pool end to end, one run per stretch of consecutive compressed pages (cut
         in the middle so two threads can share them)."""
         table, pool = self.table, self.pool
-        meta, loc = table.meta, table.loc
-        poisoned, referenced = self.poisoned, self.referenced
-        shift, mask = pt.STATE_SHIFT, pt.LENGTH_MASK
+        chunk = table.view(first)
+        meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
+        poisoned = self.poisoned
+        shift, mask, chunk_mask = pt.STATE_SHIFT, pt.LENGTH_MASK, table.chunk_mask
         compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
         reused = out is not None and len(out) == (stop - first) << PAGE_SHIFT
         if not reused:
@@ -845,7 +876,11 @@ class CompressedDevice:
             if poisoned and index in poisoned:
                 self.counters.failed_reads += 1
                 raise PoisonedPage(index)
-            m = meta[index]
+            slot = index & chunk_mask
+            if not slot:
+                chunk = table.view(index)
+                meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
+            m = meta[slot]
             state = m >> shift
             if state == compressed_state:
                 if run_start >= 0 and index == middle:
@@ -854,7 +889,7 @@ class CompressedDevice:
                 if run_start < 0:
                     run_start, run_at = filled, at
                 size = m & mask
-                handles.append(loc[index])
+                handles.append(loc[slot])
                 sizes.append(size)
                 filled += size
             else:
@@ -862,14 +897,14 @@ class CompressedDevice:
                     runs.append((run_start, filled, run_at, at))
                     run_start = -1
                 if state == huge_state:
-                    out[at:at + PAGE_SIZE] = pool.read(loc[index], PAGE_SIZE)
+                    out[at:at + PAGE_SIZE] = pool.read(loc[slot], PAGE_SIZE)
                 elif state:
                     item_state, value = self._page_item(index)
                     out[at:at + PAGE_SIZE] = enc._uncompressed(item_state, value)
                 elif reused:
                     out[at:at + PAGE_SIZE] = zero
             if referenced is not None:
-                referenced[index] = 1
+                referenced[slot] = 1
             at += PAGE_SIZE
         if run_start >= 0:
             runs.append((run_start, filled, run_at, at))
@@ -921,14 +956,16 @@ class CompressedDevice:
         if self.poisoned and index in self.poisoned:
             self.counters.failed_reads += 1
             raise PoisonedPage(index)
-        meta = self.table.meta[index]
+        table = self.table
+        chunk = table.view(index)
+        slot = index & table.chunk_mask
+        meta = chunk.meta[slot]
         if meta >> pt.STATE_SHIFT == pt.COMPRESSED:
-            page = self.codec.decompress(self.pool.read(self.table.loc[index],
-                                                        meta & pt.LENGTH_MASK))
+            page = self.codec.decompress(self.pool.read(chunk.loc[slot], meta & pt.LENGTH_MASK))
         else:
             page = self.codec.decode_pages([self._page_item(index)])[0]
-        if self.referenced is not None:
-            self.referenced[index] = 1
+        if chunk.ref is not None:
+            chunk.ref[slot] = 1
         counters = self.counters
         counters.read_requests += 1
         counters.read_bytes += length
@@ -941,11 +978,12 @@ class CompressedDevice:
         """What decoding page ``index`` needs, copied out of the pool or the backing file:
         (state, payload bytes | fill word | None), as codec.decode_pages takes it."""
         table = self.table
-        state = table.state(index)
+        entry = table.entry(index)
+        state = entry >> pt.STATE_SHIFT
         if state == pt.COMPRESSED or state == pt.HUGE:
-            return state, self.pool.read(table.loc[index], table.length(index))
+            return state, self.pool.read(table.location(index), entry & pt.LENGTH_MASK)
         if state == pt.SAME:
-            return state, table.loc[index]
+            return state, table.location(index)
         if state == pt.BACKING:
             assert self.backing is not None
             return pt.HUGE, self.backing.read(index)  # stored raw, like a huge page
@@ -1052,10 +1090,8 @@ class CompressedDevice:
         counts = {"pages_stored": 0, "same_pages": 0, "huge_pages": 0, "compr_data_size": 0,
                   "backing_pages": 0}
         handles = {}
-        for index in range(self.pages):
+        for index in table.stored_indices():
             state = table.state(index)
-            if state == pt.EMPTY:
-                continue
             counts["pages_stored"] += 1
             if state == pt.SAME:
                 counts["same_pages"] += 1
@@ -1064,7 +1100,8 @@ class CompressedDevice:
             elif state in (pt.COMPRESSED, pt.HUGE):
                 counts["compr_data_size"] += table.length(index)
                 counts["huge_pages"] += state == pt.HUGE
-                handles[table.loc[index]] = index
+                handles[table.location(index)] = index
+        table.check()
         handles.update(dict.fromkeys(self.releasing, RELEASED_OWNER))
         assert handles == self.pool.live_objects(), "pool objects differ from the page table"
         return counts

@@ -35,6 +35,8 @@ def validate_percents(max_pool: int, accept: int) -> None:
 
 
 class ZswapDevice(CompressedDevice):
+    TRACKS_REFERENCES = True  # the shrinker's CLOCK reads a referenced bit per stored page
+
     def __init__(self, config: DeviceConfig, backing_file: Path | str,
                  max_pool_percent: int = DEFAULT_MAX_POOL_PERCENT,
                  accept_threshold_percent: int = DEFAULT_ACCEPT_THRESHOLD_PERCENT) -> None:
@@ -49,7 +51,6 @@ class ZswapDevice(CompressedDevice):
             raise
         self.max_pool_percent = max_pool_percent
         self.accept_threshold_percent = accept_threshold_percent
-        self.referenced = bytearray(self.pages)
         self.limit_reached = False  # zswap_pool_reached_full
         self._hand = 0
 
@@ -103,25 +104,42 @@ class ZswapDevice(CompressedDevice):
     def writeback(self, max_pages: int = 64, max_scan: int = 16384) -> int:
         """Write up to ``max_pages`` cold pool pages to the backing file (CLOCK sweep),
         stopping once usage is below the accept threshold. Returns pages written."""
-        table, referenced, pages = self.table, self.referenced, self.pages
-        assert referenced is not None and self.backing is not None
-        meta, shift = table.meta, pt.STATE_SHIFT
-        written = 0
+        table, pages, pool = self.table, self.pages, self.pool
+        chunks, chunk_shift, chunk_mask = table.chunks, table.chunk_shift, table.chunk_mask
+        shift, compressed, huge = pt.STATE_SHIFT, pt.COMPRESSED, pt.HUGE
+        written = scanned = 0
         hand = self._hand
         target = self.accept_bytes
-        for _ in range(max_scan):
-            if written >= max_pages or self.pool.used_bytes <= target:
-                break
-            index = hand
-            hand = hand + 1 if hand + 1 < pages else 0
-            state = meta[index] >> shift
-            if state != pt.COMPRESSED and state != pt.HUGE:
-                continue
-            if referenced[index]:
-                referenced[index] = 0  # second chance
-                continue
-            if self._write_back(index):
-                written += 1
+        # The hand walks every page (absent chunks count as scanned empty pages, a chunk's
+        # worth at a time), with each chunk's arrays fetched once.
+        while scanned < max_scan and written < max_pages and pool.used_bytes > target:
+            number, start = hand >> chunk_shift, hand & chunk_mask
+            base = hand - start
+            stop = min(chunk_mask + 1, pages - base, start + max_scan - scanned)
+            chunk = chunks.get(number)
+            if chunk is None:
+                slot = stop
+            else:
+                meta, referenced = chunk.meta, chunk.ref
+                assert referenced is not None  # this table tracks references
+                slot = start
+                while slot < stop:
+                    if written >= max_pages or pool.used_bytes <= target:
+                        break
+                    s = slot
+                    slot += 1
+                    state = meta[s] >> shift
+                    if state != compressed and state != huge:
+                        continue
+                    if referenced[s]:
+                        referenced[s] = 0  # second chance
+                        continue
+                    if self._write_back(base + s):
+                        written += 1
+            scanned += slot - start
+            hand = base + slot
+            if hand >= pages:
+                hand = 0
         self._hand = hand
         if written:
             self._settle()
@@ -130,7 +148,7 @@ class ZswapDevice(CompressedDevice):
     def _write_back(self, index: int) -> bool:
         table, pool, counters = self.table, self.pool, self.counters
         assert self.backing is not None
-        state, length, handle = table.state(index), table.length(index), table.loc[index]
+        state, length, handle = table.state(index), table.length(index), table.location(index)
         payload = pool.read(handle, length)
         try:
             page = payload if state == pt.HUGE else self.codec.decompress(payload)

@@ -60,8 +60,7 @@ def snapshot(dev: CompressedDevice) -> dict:
         "used": dev.pool.used_bytes,
         "mm_stat": dev.mm_stat(),
         "counters": copy.deepcopy(dataclasses.asdict(dev.counters)),
-        "meta": bytes(dev.table.meta),
-        "loc": bytes(dev.table.loc),
+        "table": dev.table.entries(),
         "poisoned": set(dev.poisoned),
         "lost": set(dev.lost),
     }

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from cramfs import PAGE_SIZE
 from cramfs.device import REJECT_REASONS, CompressedDevice, DeviceConfig
 from cramfs.errors import OutOfRange, PoisonedPage, WriteRejected
+from cramfs.pagetable import PageTable
 from cramfs.watermarks import FailureMode, Policy, State
 
 P = PAGE_SIZE
@@ -78,6 +79,8 @@ class DeviceModel(RuleBasedStateMachine):
         self.dev = CompressedDevice(DeviceConfig(
             size=SIZE, pool=self.pool_frames * P, low=0.5, high=0.75, policy=self.policy,
             failure_mode=self.failure_mode, threads=2))
+        # Chunks of 8 pages: most requests cross a chunk boundary, and chunks come and go.
+        self.dev.table = PageTable(self.dev.pages, chunk_shift=3)
         self.ref = bytearray(SIZE)
         self.poisoned: set[int] = set()  # pages whose contents the model no longer knows
         # partial writes kept aside for poisoned pages: page -> (bytes so far, coverage)

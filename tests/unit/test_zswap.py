@@ -469,3 +469,28 @@ def test_discard_frees_pool_and_backing_pages_and_punches_the_file(dev):
     assert dev.read(0, 8 * P) == bytes(8 * P)
     assert dev.counters.notify_free == 8
     check(dev)
+
+
+def test_writeback_sweeps_a_sparse_device(tmp_path):
+    """The CLOCK hand walks absent chunks as empty pages (counted against ``max_scan``) and
+    finds pool pages far apart in a device much larger than what it holds."""
+    dev = ZswapDevice(DeviceConfig(size=64 << 30, pool=512 * P),
+                      backing_file=tmp_path / "backing.img", max_pool_percent=100,
+                      accept_threshold_percent=0)
+    try:
+        far = [5, pt.CHUNK_PAGES - 1, pt.CHUNK_PAGES, 3_000_000, dev.pages - 1]
+        for i in far:
+            dev.write(i * P, text_page(i))
+        assert dev.writeback(max_pages=1000, max_scan=1000) == 0  # clears bits 5, 511, 512
+        assert dev._hand == 1000
+        assert dev.writeback(max_pages=1000, max_scan=dev.pages - 1000) == 0  # the rest
+        assert dev._hand == 0
+        assert dev.writeback(max_pages=2, max_scan=dev.pages) == 2
+        assert [dev.table.state(i) for i in far] == [pt.BACKING] * 2 + [pt.COMPRESSED] * 3
+        assert dev._hand == pt.CHUNK_PAGES  # stopped right after the second page
+        assert dev.writeback(max_pages=1000, max_scan=dev.pages) == 3
+        assert all(dev.read(i * P, P) == text_page(i) for i in far)
+        assert dev.recount()["backing_pages"] == 5 == dev.backing_pages
+        assert len(dev.table.chunks) == 4
+    finally:
+        dev.close()

@@ -65,6 +65,8 @@ class ZswapPlacement(RuleBasedStateMachine):
         self.dev = ZswapDevice(DeviceConfig(size=PAGES * P, pool=POOL_FRAMES * P, threads=1),
                                backing_file=f"{self._dir.name}/backing.img",
                                max_pool_percent=max_pool, accept_threshold_percent=accept)
+        # Chunks of 4 pages: requests and the CLOCK sweep cross chunk boundaries.
+        self.dev.table = pt.PageTable(self.dev.pages, referenced=True, chunk_shift=2)
 
     def teardown(self) -> None:
         if self.dev is not None:
@@ -238,6 +240,7 @@ class LimitTracking(RuleBasedStateMachine):
                                             threads=1),
                                backing_file=f"{self._dir.name}/backing.img",
                                max_pool_percent=30, accept_threshold_percent=60)
+        self.dev.table = pt.PageTable(self.dev.pages, referenced=True, chunk_shift=2)
         self.data = [bytes(P)] * PAGES
 
     def teardown(self) -> None:
