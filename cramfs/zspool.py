@@ -2,13 +2,24 @@
 
 Why not a dict of bytes: Python object overhead (~100 B a page) would hide the real usage the
 emulator exists to show. Here the pool is one anonymous mmap of exactly the real capacity, cut
-into 4 KiB frames. Each size class (16-byte steps) owns blocks of 1..8 frames, chosen per class
-to waste the least tail space; objects may straddle two frames of a block (frames need not be
-contiguous, as in zsmalloc's zspages). The arena is a memfd mapped shared, and freed frames
-are returned to the kernel by punching a hole in it, so the daemon's memory follows
-``used_bytes`` even when the daemon has mlockall'ed itself (MADV_DONTNEED refuses locked
-pages; truncating the backing file does not). Compaction moves objects from the
-emptiest blocks of a class into the fullest and frees whole blocks (zram's pages_compacted).
+into 4 KiB frames. Size classes step by 16 bytes; each owns blocks of 1..6 frames, chosen per
+class to waste the least tail space; objects may straddle two frames of a block (frames need
+not be contiguous, as in zsmalloc's zspages). Neighbouring classes are merged, as zsmalloc
+merges classes with the same pages and objects per zspage, here also when the larger class
+costs at most 2 % more pool per object: each class's last block is on average half empty,
+and on 64 MiB of a real program's heap fewer classes save more of that than the coarser
+rounding costs (tests/bench/pool_bench.py).
+
+The allocator's own books are flat arrays indexed by block id and, per class, by slot: no
+Python object per block or per object. A daemon that mlockall()s itself keeps whatever its
+heap once held, and small per-block objects, coming and going with the traffic, pin
+pymalloc's arenas (tests/bench/rss_bench.py).
+
+The arena is a memfd mapped shared, and freed frames are returned to the kernel by punching
+a hole in it, so the daemon's memory follows ``used_bytes`` even when the daemon has
+mlockall'ed itself (MADV_DONTNEED refuses locked pages; truncating the backing file does not).
+Compaction moves objects from the emptiest blocks of a class into the fullest and frees whole
+blocks (zram's pages_compacted).
 """
 
 from __future__ import annotations
@@ -17,24 +28,27 @@ import mmap
 import os
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs.sparse import allocated_bytes, punch_hole
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import Protocol
 
     from cramfs.codec import Payload
 
 FRAME = PAGE_SIZE
 CLASS_STEP = 16
 MIN_OBJECT = 32
-MAX_FRAMES_PER_BLOCK = 8
+MAX_FRAMES_PER_BLOCK = 6
+MERGE_TOLERANCE = 0.02  # a class joins the next larger one if that costs <= 2 % more per object
 SLOT_BITS = 16
 SLOT_MASK = (1 << SLOT_BITS) - 1
-FREE_SLOT = 0xFFFFFFFF
+FREE_SLOT = 0xFFFFFFFF  # owner of a free slot
+NO_BLOCK = 0xFFFFFFFF  # end of a class's list of partial blocks
+NO_SLOT = 0xFFFF  # end of a block's list of free slots
+DEAD = 0xFFFF  # class of a block id not in use
 
 
 def _frames_for(size: int) -> int:
@@ -47,43 +61,128 @@ def _frames_for(size: int) -> int:
     return best
 
 
-class SizeClass:
-    __slots__ = ("index", "size", "frames_per_block", "slots_per_block", "partial",
-                 "free_slots", "used_slots")
+def class_layout(largest_compressed: int = PAGE_SIZE) -> list[tuple[int, int]]:
+    """(slot size, frames per block) of every class, smallest first.
 
-    def __init__(self, index: int, size: int) -> None:
+    Sizes step by CLASS_STEP up to the largest compressed object, then one class for raw
+    (huge) pages. Going down from the top, a size is dropped (its objects go to the next
+    larger class) when that class's pool bytes per object are at most MERGE_TOLERANCE more
+    than its own would be: with zero tolerance this is zsmalloc's merge of classes with the
+    same pages and objects per zspage, which costs no memory at all.
+    """
+    sizes = range(MIN_OBJECT, min(largest_compressed, PAGE_SIZE) + CLASS_STEP, CLASS_STEP)
+    layout = [(PAGE_SIZE, 1)]
+    for size in reversed([s for s in sizes if s < PAGE_SIZE]):
+        frames = _frames_for(size)
+        per_object = frames * FRAME / (frames * FRAME // size)
+        upper_size, upper_frames = layout[-1]
+        upper = upper_frames * FRAME / (upper_frames * FRAME // upper_size)
+        if upper_size < PAGE_SIZE and upper <= per_object * (1 + MERGE_TOLERANCE):
+            continue
+        layout.append((size, frames))
+    return layout[::-1]
+
+
+class SizeClass:
+    """One size class: its shape, its counts, and the per-slot books of all its blocks.
+
+    A block of this class has a *base*: the offset of its slots in ``owners`` and
+    ``next_free`` (base = n * slots_per_block for the n-th block the class has made; a dropped
+    block's base is reused). Blocks with a free slot form a doubly linked list through the
+    pool's block arrays, headed by ``head``.
+    """
+
+    __slots__ = ("index", "size", "frames_per_block", "slots_per_block", "free_slots",
+                 "used_slots", "head", "owners", "next_free", "spare_bases", "_pool",
+                 "_fresh_owners", "_fresh_free")
+
+    def __init__(self, pool: ZsPool, index: int, size: int, frames_per_block: int) -> None:
         self.index = index
         self.size = size
-        self.frames_per_block = _frames_for(size)
-        self.slots_per_block = self.frames_per_block * FRAME // size
-        self.partial: dict[int, None] = {}  # block ids with a free slot (an ordered set)
+        self.frames_per_block = frames_per_block
+        self.slots_per_block = frames_per_block * FRAME // size
         self.free_slots = 0
         self.used_slots = 0
+        self.head = NO_BLOCK  # first block with a free slot
+        self.owners = array("I")  # owner of each slot, FREE_SLOT where free
+        self.next_free = array("H")  # a free slot's successor in its block's free list
+        self.spare_bases = array("I")  # bases of dropped blocks, to reuse
+        self._pool = pool
+        slots = self.slots_per_block
+        self._fresh_owners = array("I", [FREE_SLOT]) * slots
+        self._fresh_free = array("H", range(1, slots + 1))
+        self._fresh_free[-1] = NO_SLOT
+
+    @property
+    def partial(self) -> list[int]:
+        """Ids of this class's blocks that have a free slot, allocation order first."""
+        out, block, after = [], self.head, self._pool._blocks.next
+        while block != NO_BLOCK:
+            out.append(block)
+            block = after[block]
+        return out
+
+    def take_base(self) -> int:
+        """Slot books for a new block: a dropped block's, or fresh ones at the end."""
+        if self.spare_bases:
+            base = self.spare_bases.pop()
+            self.owners[base:base + self.slots_per_block] = self._fresh_owners
+        else:
+            base = len(self.owners)
+            self.owners.extend(self._fresh_owners)
+            self.next_free.extend(self._fresh_free)
+        self.next_free[base:base + self.slots_per_block] = self._fresh_free
+        return base
 
 
-class Block:
-    __slots__ = ("cls", "frames", "owners", "free", "used")
-
-    def __init__(self, cls: SizeClass, frames: list[int]) -> None:
-        self.cls = cls
-        self.frames = frames
-        self.owners = array("I", [FREE_SLOT]) * cls.slots_per_block
-        self.free = list(range(cls.slots_per_block - 1, -1, -1))
-        self.used = 0
+_NO_FRAMES = array("I", [0]) * MAX_FRAMES_PER_BLOCK
 
 
-if TYPE_CHECKING:
-    class BlockTable(Protocol):
-        """``ZsPool._blocks`` as it is used: a list indexed by block id, None where an id is
-        free. Indexing gives a Block: every handle the pool's callers hold (the page table,
-        a pending write, a parked release) names a live block, and only the scans over the
-        whole table (iteration) meet the free ids."""
+class BlockTable:
+    """Per-block metadata as flat arrays indexed by block id, and the ids in use.
 
-        def __getitem__(self, block_id: int, /) -> Block: ...
-        def __setitem__(self, block_id: int, block: Block | None, /) -> None: ...
-        def __iter__(self) -> Iterator[Block | None]: ...
-        def __len__(self) -> int: ...
-        def append(self, block: Block, /) -> None: ...
+    A block id names up to MAX_FRAMES_PER_BLOCK frames; there are never more blocks than
+    frames, so the arrays stop growing at the pool's frame count, and they grow only with the
+    number of blocks ever open at once.
+    """
+
+    __slots__ = ("cls", "used", "base", "free", "next", "prev", "frames", "spare_ids")
+
+    def __init__(self) -> None:
+        self.cls = array("H")  # class index, DEAD for an id not in use
+        self.used = array("H")  # slots in use
+        self.base = array("I")  # offset of its slots in the class's owners / next_free
+        self.free = array("H")  # first free slot, NO_SLOT when full
+        self.next = array("I")  # links of its class's list of partial blocks
+        self.prev = array("I")
+        self.frames = array("I")  # frame numbers, MAX_FRAMES_PER_BLOCK per id
+        self.spare_ids = array("I")
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+    def take_id(self) -> int:
+        if self.spare_ids:
+            return self.spare_ids.pop()
+        block = len(self.cls)
+        self.cls.append(DEAD)
+        self.used.append(0)
+        self.base.append(0)
+        self.free.append(NO_SLOT)
+        self.next.append(NO_BLOCK)
+        self.prev.append(NO_BLOCK)
+        self.frames.extend(_NO_FRAMES)
+        return block
+
+    def give_id(self, block: int) -> None:
+        self.cls[block] = DEAD
+        self.free[block] = NO_SLOT
+        self.spare_ids.append(block)
+
+    def live(self) -> Iterator[int]:
+        """Ids of the blocks in use, in id order."""
+        cls = self.cls
+        return (block for block in range(len(cls)) if cls[block] != DEAD)
 
 
 class PoolExhausted(Exception):
@@ -120,36 +219,40 @@ class ZsPool:
         self._arena = mmap.mmap(self._fd, self.capacity, mmap.MAP_SHARED)
         self.release_errors = 0
         self._view = memoryview(self._arena)
-        self._free_frames: list[int] = []
+        self._free_frames = array("I")
         self._next_frame = 0
         self.used_frames = 0
         self.max_used_frames = 0
         self.pages_compacted = 0
         self.compact_threshold = compact_threshold
         self.slack: set[SizeClass] = set()  # classes free() found worth compacting
-        # Classes up to the largest compressed object, then one class for raw (huge) pages.
-        sizes = list(range(MIN_OBJECT, min(largest_compressed, PAGE_SIZE) + CLASS_STEP,
-                           CLASS_STEP))
-        sizes = [s for s in sizes if s < PAGE_SIZE] + [PAGE_SIZE]
-        self.classes = [SizeClass(i, s) for i, s in enumerate(sizes)]
-        self._blocks = cast("BlockTable", [])
-        self._free_block_ids: list[int] = []
+        self._blocks = BlockTable()
+        # The block arrays the per-object paths index, bound once (an array object stays the
+        # same object as it grows).
+        blocks = self._blocks
+        self._block_class, self._block_used, self._block_base = blocks.cls, blocks.used, blocks.base
+        self._block_free, self._block_frames_at = blocks.free, blocks.frames
+        self.classes = [SizeClass(self, i, size, frames)
+                        for i, (size, frames) in enumerate(class_layout(largest_compressed))]
+        self._sizes = [cls.size for cls in self.classes]  # slot size by class index
+        # Class index for every object length 0..PAGE_SIZE: one lookup per object.
+        index, lengths = array("H"), range(PAGE_SIZE + 1)
+        for cls in self.classes:
+            index.extend([cls.index] * (min(cls.size, PAGE_SIZE) + 1 - len(index)))
+        assert len(index) == len(lengths)
+        self._class_index = index
         # Called as on_move(owner, old_handle, new_handle) when compaction relocates an object.
         self.on_move: Callable[[int, int, int], None] = lambda owner, old, new: None
 
     # -- sizes --------------------------------------------------------------------------
     def class_of(self, length: int) -> SizeClass:
-        if length <= MIN_OBJECT:
-            return self.classes[0]
-        index = (length - MIN_OBJECT + CLASS_STEP - 1) // CLASS_STEP
-        if index >= len(self.classes) - 1:
-            if length > PAGE_SIZE:
-                raise ValueError(f"object of {length} bytes is larger than a page")
-            index = len(self.classes) - 1
-        return self.classes[index]
+        """The class whose slots hold an object of ``length`` bytes (the smallest that fits)."""
+        if length > PAGE_SIZE:
+            raise ValueError(f"object of {length} bytes is larger than a page")
+        return self.classes[self._class_index[max(length, 0)]]
 
     def slot_size(self, handle: int) -> int:
-        return self._block(handle).cls.size
+        return self._sizes[self._block_class[handle >> SLOT_BITS]]
 
     @property
     def used_bytes(self) -> int:
@@ -162,59 +265,79 @@ class ZsPool:
     def reset_max(self) -> None:
         self.max_used_frames = self.used_frames
 
-    # -- frames -------------------------------------------------------------------------
-    def _take_frames(self, count: int) -> list[int] | None:
+    # -- blocks -------------------------------------------------------------------------
+    def _class_of_block(self, block: int) -> SizeClass:
+        index = self._blocks.cls[block]
+        assert index != DEAD, f"stale block {block}"
+        return self.classes[index]
+
+    def _link(self, cls: SizeClass, block: int) -> None:
+        """Put ``block`` first on its class's list of partial blocks."""
+        blocks = self._blocks
+        head = cls.head
+        blocks.next[block] = head
+        blocks.prev[block] = NO_BLOCK
+        if head != NO_BLOCK:
+            blocks.prev[head] = block
+        cls.head = block
+
+    def _unlink(self, cls: SizeClass, block: int) -> None:
+        blocks = self._blocks
+        nxt, prev = blocks.next[block], blocks.prev[block]
+        if prev == NO_BLOCK:
+            cls.head = nxt
+        else:
+            blocks.next[prev] = nxt
+        if nxt != NO_BLOCK:
+            blocks.prev[nxt] = prev
+        blocks.next[block] = blocks.prev[block] = NO_BLOCK
+
+    def _new_block(self, cls: SizeClass) -> int:
+        """Open a block for ``cls`` and put it first on its partial list; PoolExhausted
+        when the frames are not there."""
+        count = cls.frames_per_block
         if self.used_frames + count > self.total_frames:
-            return None
-        frames = []
-        for _ in range(count):
-            if self._free_frames:
-                frames.append(self._free_frames.pop())
+            raise PoolExhausted(cls.size)
+        blocks = self._blocks
+        block = blocks.take_id()
+        at, frames, spare = block * MAX_FRAMES_PER_BLOCK, blocks.frames, self._free_frames
+        for i in range(count):
+            if spare:
+                frames[at + i] = spare.pop()
             else:
-                frames.append(self._next_frame)
+                frames[at + i] = self._next_frame
                 self._next_frame += 1
         self.used_frames += count
         if self.used_frames > self.max_used_frames:
             self.max_used_frames = self.used_frames
-        return frames
+        blocks.cls[block] = cls.index
+        blocks.used[block] = 0
+        blocks.base[block] = cls.take_base()
+        blocks.free[block] = 0
+        cls.free_slots += cls.slots_per_block
+        self._link(cls, block)
+        return block
 
-    def _give_frames(self, frames: list[int]) -> None:
-        for frame in frames:
+    def _drop_block(self, cls: SizeClass, block: int) -> None:
+        """Give an empty block's frames back (punched out of the arena) and its id up."""
+        blocks = self._blocks
+        self._unlink(cls, block)
+        cls.free_slots -= cls.slots_per_block
+        cls.spare_bases.append(blocks.base[block])
+        at = block * MAX_FRAMES_PER_BLOCK
+        for frame in blocks.frames[at:at + cls.frames_per_block]:
             try:
                 punch_hole(self._fd, frame << PAGE_SHIFT, FRAME)
             except OSError:
                 self.release_errors += 1  # the frame stays resident; the books are still right
-        self._free_frames.extend(frames)
-        self.used_frames -= len(frames)
+            self._free_frames.append(frame)
+        self.used_frames -= cls.frames_per_block
+        blocks.give_id(block)
 
-    # -- blocks -------------------------------------------------------------------------
-    def _block(self, handle: int) -> Block:
-        block = self._blocks[split_handle(handle)[0]]
-        assert block is not None, f"stale handle {handle:#x}"
-        return block
-
-    def _new_block(self, cls: SizeClass) -> int | None:
-        frames = self._take_frames(cls.frames_per_block)
-        if frames is None:
-            return None
-        block = Block(cls, frames)
-        if self._free_block_ids:
-            block_id = self._free_block_ids.pop()
-            self._blocks[block_id] = block
-        else:
-            block_id = len(self._blocks)
-            self._blocks.append(block)
-        cls.partial[block_id] = None
-        cls.free_slots += cls.slots_per_block
-        return block_id
-
-    def _drop_block(self, block_id: int, block: Block) -> None:
-        cls = block.cls
-        cls.partial.pop(block_id, None)
-        cls.free_slots -= cls.slots_per_block
-        self._blocks[block_id] = None
-        self._free_block_ids.append(block_id)
-        self._give_frames(block.frames)
+    def _block_frames(self, block: int) -> list[int]:
+        cls = self._class_of_block(block)
+        at = block * MAX_FRAMES_PER_BLOCK
+        return self._blocks.frames[at:at + cls.frames_per_block].tolist()
 
     # -- objects ------------------------------------------------------------------------
     def alloc(self, length: int, owner: int) -> int:
@@ -223,40 +346,43 @@ class ZsPool:
 
     def alloc_in(self, cls: SizeClass, owner: int) -> int:
         """Reserve a slot of class ``cls`` (from class_of) for ``owner``."""
-        if cls.partial:
-            block_id = next(iter(cls.partial))
-        else:
-            new_id = self._new_block(cls)
-            if new_id is None:
-                raise PoolExhausted(cls.size)
-            block_id = new_id
-        block = self._blocks[block_id]
-        assert block is not None
-        slot = block.free.pop()
-        block.owners[slot] = owner
-        block.used += 1
+        block = cls.head
+        if block == NO_BLOCK:
+            block = self._new_block(cls)
+        block_free = self._block_free
+        slot = block_free[block]
+        at = self._block_base[block] + slot
+        nxt = cls.next_free[at]
+        block_free[block] = nxt
+        cls.owners[at] = owner
+        self._block_used[block] += 1
         cls.free_slots -= 1
         cls.used_slots += 1
-        if not block.free:
-            del cls.partial[block_id]
-        return make_handle(block_id, slot)
+        if nxt == NO_SLOT:
+            self._unlink(cls, block)
+        return (block << SLOT_BITS) | slot
 
     def free(self, handle: int) -> None:
         """Give the slot back; never compacts (see the class docstring)."""
-        block_id, slot = split_handle(handle)
-        block = self._blocks[block_id]
-        assert block is not None and block.owners[slot] != FREE_SLOT, f"double free {handle:#x}"
-        cls = block.cls
-        block.owners[slot] = FREE_SLOT
-        block.free.append(slot)
-        block.used -= 1
+        block, slot = handle >> SLOT_BITS, handle & SLOT_MASK
+        cls = self.classes[self._block_class[block]]  # IndexError: a block not in use
+        at = self._block_base[block] + slot
+        owners = cls.owners
+        assert owners[at] != FREE_SLOT, f"double free {handle:#x}"
+        owners[at] = FREE_SLOT
+        block_free = self._block_free
+        first = block_free[block]
+        cls.next_free[at] = first
+        block_free[block] = slot
+        used = self._block_used[block] - 1
+        self._block_used[block] = used
         cls.free_slots += 1
         cls.used_slots -= 1
-        if block.used == 0:
-            self._drop_block(block_id, block)
+        if first == NO_SLOT:  # it was full: it has a free slot now
+            self._link(cls, block)
+        if used == 0:
+            self._drop_block(cls, block)
             return
-        if len(block.free) == 1:
-            cls.partial[block_id] = None
         if cls.free_slots > cls.slots_per_block and cls.free_slots > self.compact_threshold * (
                 cls.free_slots + cls.used_slots):
             self.slack.add(cls)
@@ -272,104 +398,122 @@ class ZsPool:
     def growth(self, cls: SizeClass) -> int:
         """Bytes the pool grows by to place one more object of ``cls``: none while one of
         its blocks has a free slot, else a new block."""
-        return 0 if cls.partial else cls.frames_per_block << PAGE_SHIFT
+        return 0 if cls.head != NO_BLOCK else cls.frames_per_block << PAGE_SHIFT
 
     def gather(self, handles: list[int], lengths: list[int]) -> bytearray:
         """The objects' bytes end to end, in one call (large reads gather their compressed
         frames this way: no Python call per object)."""
         into = bytearray()
-        blocks, view, read = self._blocks, self._view, self.read
+        view, read, sizes = self._view, self.read, self._sizes
+        block_class, frames = self._block_class, self._block_frames_at
         for handle, length in zip(handles, lengths, strict=True):
-            block_id, slot = split_handle(handle)
-            block = blocks[block_id]
-            slot_at = slot * block.cls.size
+            block = handle >> SLOT_BITS
+            slot_at = (handle & SLOT_MASK) * sizes[block_class[block]]
             within = slot_at & (FRAME - 1)
-            base = (block.frames[slot_at >> PAGE_SHIFT] << PAGE_SHIFT) + within
+            base = (frames[block * MAX_FRAMES_PER_BLOCK + (slot_at >> PAGE_SHIFT)]
+                    << PAGE_SHIFT) + within
             if within + length <= FRAME:
                 into += view[base:base + length]
             else:
                 into += read(handle, length)
         return into
 
-    def _span(self, handle: int) -> tuple[Block, int, int]:
-        block = self._block(handle)
-        offset = split_handle(handle)[1] * block.cls.size
-        return block, offset >> PAGE_SHIFT, offset & (FRAME - 1)
-
     def write(self, handle: int, data: Payload) -> None:
         """Copy ``data`` (bytes or any contiguous buffer) into the slot of ``handle``."""
-        block, index, within = self._span(handle)
+        block = handle >> SLOT_BITS
+        size = self._sizes[self._block_class[block]]
+        if len(data) > size:
+            raise ValueError(f"{len(data)} bytes do not fit a {size}-byte slot")
+        self._put(block, (handle & SLOT_MASK) * size, data)
+
+    def _put(self, block: int, offset: int, data: Payload) -> None:
+        """Copy ``data`` to ``offset`` in ``block`` (the one copy into the arena)."""
+        frames, at = self._block_frames_at, block * MAX_FRAMES_PER_BLOCK + (offset >> PAGE_SHIFT)
+        within = offset & (FRAME - 1)
+        base = (frames[at] << PAGE_SHIFT) + within
         length = len(data)
-        if length > block.cls.size:
-            raise ValueError(f"{length} bytes do not fit a {block.cls.size}-byte slot")
-        base = block.frames[index] << PAGE_SHIFT
-        first = FRAME - within
-        if length <= first:
-            self._view[base + within:base + within + length] = data
+        if within + length <= FRAME:
+            self._view[base:base + length] = data
         else:
+            first = FRAME - within
             data = memoryview(data)
-            self._view[base + within:base + FRAME] = data[:first]
-            nxt = block.frames[index + 1] << PAGE_SHIFT
+            self._view[base:base + first] = data[:first]
+            nxt = frames[at + 1] << PAGE_SHIFT
             self._view[nxt:nxt + length - first] = data[first:]
 
     def store(self, cls: SizeClass, owner: int, data: Payload) -> int:
         """``alloc_in(cls, owner)`` then ``write`` of ``data``, in one call (the device's
-        batch path); raises PoolExhausted like alloc_in."""
+        batch path); raises PoolExhausted like alloc_in, and ValueError before allocating
+        when ``data`` does not fit the class."""
+        if len(data) > cls.size:
+            raise ValueError(f"{len(data)} bytes do not fit a {cls.size}-byte slot")
         handle = self.alloc_in(cls, owner)
-        self.write(handle, data)
+        self._put(handle >> SLOT_BITS, (handle & SLOT_MASK) * cls.size, data)
         return handle
 
     def read(self, handle: int, length: int) -> bytes:
-        block, index, within = self._span(handle)
-        base = block.frames[index] << PAGE_SHIFT
+        block = handle >> SLOT_BITS
+        offset = (handle & SLOT_MASK) * self._sizes[self._block_class[block]]
+        frames, at = self._block_frames_at, block * MAX_FRAMES_PER_BLOCK + (offset >> PAGE_SHIFT)
+        within = offset & (FRAME - 1)
+        base = frames[at] << PAGE_SHIFT
         first = FRAME - within
         if length <= first:
             return self._arena[base + within:base + within + length]
-        nxt = block.frames[index + 1] << PAGE_SHIFT
+        nxt = frames[at + 1] << PAGE_SHIFT
         return self._arena[base + within:base + FRAME] + self._arena[nxt:nxt + length - first]
 
+    def _owner_at(self, handle: int) -> tuple[SizeClass, int]:
+        block = handle >> SLOT_BITS
+        return self._class_of_block(block), self._block_base[block] + (handle & SLOT_MASK)
+
     def set_owner(self, handle: int, owner: int) -> None:
-        self._block(handle).owners[split_handle(handle)[1]] = owner
+        cls, at = self._owner_at(handle)
+        cls.owners[at] = owner
 
     def owner(self, handle: int) -> int:
-        return self._block(handle).owners[split_handle(handle)[1]]
+        cls, at = self._owner_at(handle)
+        return cls.owners[at]
 
     # -- compaction ---------------------------------------------------------------------
     def compact_class(self, cls: SizeClass) -> int:
         """Pack a class into as few blocks as possible; returns frames freed."""
-        if len(cls.partial) < 2:
+        partial = cls.partial
+        if len(partial) < 2:
             return 0
-        order = sorted(cls.partial, key=lambda b: self._blocks[b].used)
+        blocks, owners, next_free = self._blocks, cls.owners, cls.next_free
+        used, base, free = blocks.used, blocks.base, blocks.free
+        order = sorted(partial, key=used.__getitem__)
         src_i, dst_i = 0, len(order) - 1
-        freed = 0
-        size = cls.size
+        freed, size, slots = 0, cls.size, cls.slots_per_block
         while src_i < dst_i:
-            src_id, dst_id = order[src_i], order[dst_i]
-            src, dst = self._blocks[src_id], self._blocks[dst_id]
-            assert src is not None and dst is not None
-            for slot in range(cls.slots_per_block):
-                if not dst.free:
+            src, dst = order[src_i], order[dst_i]
+            src_base, dst_base = base[src], base[dst]
+            for slot in range(slots):
+                new_slot = free[dst]
+                if new_slot == NO_SLOT:
                     break
-                owner = src.owners[slot]
+                owner = owners[src_base + slot]
                 if owner == FREE_SLOT:
                     continue
-                old = make_handle(src_id, slot)
+                old = (src << SLOT_BITS) | slot
                 data = self.read(old, size)
-                new_slot = dst.free.pop()
-                dst.owners[new_slot] = owner
-                dst.used += 1
-                new = make_handle(dst_id, new_slot)
+                free[dst] = next_free[dst_base + new_slot]
+                owners[dst_base + new_slot] = owner
+                used[dst] += 1
+                new = (dst << SLOT_BITS) | new_slot
                 self.write(new, data)
-                src.owners[slot] = FREE_SLOT
-                src.free.append(slot)
-                src.used -= 1
+                owners[src_base + slot] = FREE_SLOT
+                next_free[src_base + slot] = free[src]
+                free[src] = slot
+                used[src] -= 1
                 self.on_move(owner, old, new)
-            if not dst.free:
-                cls.partial.pop(dst_id, None)
+            if free[dst] == NO_SLOT:
+                self._unlink(cls, dst)
                 dst_i -= 1
-            if src.used == 0:
-                freed += len(src.frames)
-                self._drop_block(src_id, src)
+            if used[src] == 0:
+                freed += cls.frames_per_block
+                self._drop_block(cls, src)
                 src_i += 1
         self.pages_compacted += freed
         return freed
@@ -383,30 +527,51 @@ class ZsPool:
     def live_objects(self) -> dict[int, int]:
         """handle -> owner for every allocated slot; for tests and recounts, not hot paths."""
         live = {}
-        for block_id, block in enumerate(self._blocks):
-            if block is None:
-                continue
-            for slot, owner in enumerate(block.owners):
+        blocks = self._blocks
+        for block in blocks.live():
+            cls = self.classes[blocks.cls[block]]
+            at = blocks.base[block]
+            for slot, owner in enumerate(cls.owners[at:at + cls.slots_per_block]):
                 if owner != FREE_SLOT:
-                    live[make_handle(block_id, slot)] = owner
+                    live[make_handle(block, slot)] = owner
         return live
 
     def check(self) -> None:
-        """Assert the allocator's books agree with its blocks."""
-        frames = 0
+        """Assert the allocator's books agree with its blocks: every count, every list, and
+        every frame accounted for exactly once."""
+        blocks = self._blocks
+        frames_seen: list[int] = []
+        counts = {cls.index: [0, 0] for cls in self.classes}
+        bases: dict[int, list[int]] = {cls.index: [] for cls in self.classes}
+        for block in blocks.live():
+            cls = self.classes[blocks.cls[block]]
+            slots, at = cls.slots_per_block, blocks.base[block]
+            owners = cls.owners[at:at + slots]
+            in_use = sum(1 for o in owners if o != FREE_SLOT)
+            assert blocks.used[block] == in_use >= 1, block
+            free: list[int] = []
+            slot = blocks.free[block]
+            while slot != NO_SLOT:
+                assert owners[slot] == FREE_SLOT and len(free) < slots, (block, slot)
+                free.append(slot)
+                slot = cls.next_free[at + slot]
+            assert sorted(free) == [s for s, o in enumerate(owners) if o == FREE_SLOT], block
+            assert (block in cls.partial) == bool(free), block
+            counts[cls.index][0] += in_use
+            counts[cls.index][1] += len(free)
+            bases[cls.index].append(at)
+            frames_seen.extend(self._block_frames(block))
         for cls in self.classes:
-            used = free = 0
-            for block_id, block in enumerate(self._blocks):
-                if block is None or block.cls is not cls:
-                    continue
-                frames += len(block.frames)
-                assert block.used == sum(1 for o in block.owners if o != FREE_SLOT)
-                assert len(block.free) == cls.slots_per_block - block.used
-                assert (block_id in cls.partial) == bool(block.free)
-                used += block.used
-                free += len(block.free)
-            assert (used, free) == (cls.used_slots, cls.free_slots), cls.size
-        assert frames == self.used_frames <= self.total_frames
+            assert counts[cls.index] == [cls.used_slots, cls.free_slots], cls.size
+            partial = cls.partial
+            assert len(set(partial)) == len(partial)
+            assert all(blocks.cls[b] == cls.index for b in partial)
+            known = sorted(bases[cls.index] + cls.spare_bases.tolist())
+            assert known == list(range(0, len(cls.owners), cls.slots_per_block)), cls.size
+        assert len(set(frames_seen)) == len(frames_seen) == self.used_frames <= self.total_frames
+        spare = self._free_frames.tolist()
+        assert sorted(frames_seen + spare) == list(range(self._next_frame))
+        assert self._next_frame <= self.total_frames
 
     def resident_bytes(self) -> int:
         """Bytes of the arena the kernel really holds (fstat of the memfd)."""

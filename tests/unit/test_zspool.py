@@ -117,7 +117,7 @@ def test_write_larger_than_slot(pool):
         pool.write(handle, bytes(49))
 
 
-@pytest.mark.parametrize("size", [48, 80, 112, 176, 208, 336, 1040, 2736, 3264])
+@pytest.mark.parametrize("size", [48, 80, 112, 176, 208, 336, 1056, 2912, 3264])
 def test_objects_straddling_frames(size):
     pool = ZsPool(64 * FRAME)
     t = Tracked(pool)
@@ -131,12 +131,12 @@ def test_objects_straddling_frames(size):
     straddles = 0
     for owner in range(cls.slots_per_block):
         handle = t.put(owner, os.urandom(size))
-        offset = (handle & 0xFFFF) * size
+        offset = split_handle(handle)[1] * size
         straddles += offset // FRAME != (offset + size - 1) // FRAME
     assert straddles > 0
-    block = pool._blocks[handle >> 16]
-    assert block.frames != sorted(block.frames) or block.frames[-1] - block.frames[0] != len(
-        block.frames) - 1
+    frames = pool._block_frames(split_handle(handle)[0])
+    assert len(frames) == cls.frames_per_block
+    assert frames != sorted(frames) or frames[-1] - frames[0] != len(frames) - 1
     t.verify()
     # Shorter payloads in a straddling slot read back exactly too.
     for owner in list(t.objects)[:5]:
