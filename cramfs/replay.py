@@ -20,8 +20,10 @@ trace's own changes to that key are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import gc
 import importlib
 import math
 import os
@@ -721,12 +723,27 @@ def _outcome(call: typing.Callable[[int, Any], object], offset: int, arg: Any) -
     return STATUS_OK
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off for a replay: a replay makes no cycles worth collecting
+    while it runs, but allocates enough for the collector to walk the pool's objects over and
+    over. Measured on trace_bench's round (71k pages): 2.77-3.28 s of CPU with it, 2.56-3.01 s
+    without, run for run."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> dict[str, Any]:
     """One variant: the trace at ``path`` through a device built from its header and
     ``settings``. Deterministic but for the CPU figures (TIMING_KEYS)."""
     settings = dict(settings or {})
     wall = time.perf_counter()
-    with TraceReader(path) as reader, \
+    with TraceReader(path) as reader, collector_paused(), \
             tempfile.TemporaryDirectory(prefix="cramfs-replay-") as workdir:
         header = reader.header
         device = build_device(header, settings, Path(workdir))

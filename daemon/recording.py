@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cramfs.errors import DeviceError, InjectedFault
-from cramfs.trace import TraceError, start_trace, status_of
+from cramfs.trace import STATUS_OK, TraceError, start_trace, status_of
 from daemon.devices import DeviceEntry
 
 log = logging.getLogger("cramfs.trace")
@@ -68,16 +68,21 @@ def request(entry: DeviceEntry, op: str, offset: int, data: Any, exc: BaseExcept
         return
     try:
         t = trace.now()
-        if isinstance(exc, InjectedFault):
+        if exc is None:
+            status = STATUS_OK
+        elif isinstance(exc, InjectedFault):
             trace.event(t, "fault", op=op)
-        elif exc is not None and not isinstance(exc, DeviceError):
-            return  # not the device's answer (a bug's traceback): nothing to replay
-        elif op == "write":
-            trace.write(t, offset, data, status_of(exc))
-        elif op == "read":
-            trace.read(t, offset, data, status_of(exc))
+            return
+        elif isinstance(exc, DeviceError):
+            status = status_of(exc)
         else:
-            trace.discard(t, offset, data, status_of(exc))
+            return  # not the device's answer (a bug's traceback): nothing to replay
+        if op == "write":
+            trace.write(t, offset, data, status)
+        elif op == "read":
+            trace.read(t, offset, data, status)
+        else:
+            trace.discard(t, offset, data, status)
     except TraceError as error:
         _failed(entry, error)
 

@@ -297,3 +297,33 @@ def test_start_trace_snapshots_a_device_that_holds_data(tmp_path: Path) -> None:
     assert [(r.offset // P, r.length // P) for r in inits] == [(3, 3), (700, 1), (900, 1)]
     assert inits[0].data == text_page(3) + text_page(4) + text_page(5)
     assert records[-1].op == "write"
+
+
+def test_the_daemon_records_each_answer_with_its_status(tmp_path: Path) -> None:
+    """daemon.recording.request: an answer with its status, an injected fault as an event
+    (it never reached the device), and nothing for an exception that is not the device's."""
+    from cramfs.errors import InjectedFault
+    from daemon import recording
+    from daemon.devices import DeviceEntry
+
+    path = tmp_path / "t.trace"
+    device = CompressedDevice(DeviceConfig(size=1 << 20, pool=1 << 18))
+    entry = DeviceEntry("swap0", "swap", device, trace=TraceWriter(path, HEADER))
+    try:
+        request = recording.request
+        request(entry, "write", 0, text_page(1), None)
+        request(entry, "write", P, text_page(2), WriteRejected("full", "no room"))
+        request(entry, "read", 2 * P, P, PoisonedPage(2))
+        request(entry, "discard", 0, P, None)
+        request(entry, "read", 0, P, InjectedFault("injected read error"))
+        request(entry, "read", 0, P, RuntimeError("a bug"))
+        recording.stop(entry)
+    finally:
+        device.close()
+    with TraceReader(path) as reader:
+        got = [(r.op, r.offset, r.status, r.event, r.fields) for r in reader]
+    assert got == [("write", 0, STATUS_OK, None, None),
+                   ("write", P, STATUS_REJECTED, None, None),
+                   ("read", 2 * P, STATUS_IO_ERROR, None, None),
+                   ("discard", 0, STATUS_OK, None, None),
+                   ("event", 0, STATUS_OK, "fault", {"op": "read"})]
