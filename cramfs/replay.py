@@ -92,7 +92,8 @@ MM_STAT_FIELDS = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_li
                   "mem_used_max", "same_pages", "pages_compacted", "huge_pages",
                   "huge_pages_since")
 IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
-TIMING_KEYS = ("cpu_seconds", "cpu_seconds_per_gib", "wall_seconds", "pages_per_second")
+TIMING_KEYS = ("cpu_seconds", "cpu_seconds_per_gib", "wall_seconds", "pages_per_second",
+               "pass_variants")
 
 
 class ReplayError(Exception):
@@ -288,11 +289,17 @@ def _construct(make: typing.Callable[[], CompressedDevice],
         raise ReplayError(f"{label(settings)}: {exc}") from None
 
 
-def check_settings(header: dict[str, Any], settings: Settings) -> None:
+CodecKey = tuple[str, int | None, int]  # compressor, level, huge threshold
+
+
+def check_settings(header: dict[str, Any], settings: Settings) -> CodecKey:
     """Build (and drop) the variant's device: every value the device would refuse is
-    refused here, before any replay starts."""
+    refused here, before any replay starts. Returns what its pages' encodings depend on."""
     with tempfile.TemporaryDirectory(prefix="cramfs-replay-") as workdir:
-        build_device(header, settings, Path(workdir)).close()
+        device = build_device(header, settings, Path(workdir))
+        codec = device.codec
+        device.close()
+    return codec.compressor, codec.level, codec.huge_threshold
 
 
 # -- the replay -------------------------------------------------------------------------------
@@ -741,27 +748,57 @@ def collector_paused() -> Iterator[None]:
 def replay(path: str | os.PathLike[str], settings: Settings | None = None) -> dict[str, Any]:
     """One variant: the trace at ``path`` through a device built from its header and
     ``settings``. Deterministic but for the CPU figures (TIMING_KEYS)."""
-    settings = dict(settings or {})
+    return replay_pass(path, [settings or {}])[0]
+
+
+def replay_pass(path: str | os.PathLike[str], variants: list[Settings]) -> list[dict[str, Any]]:
+    """Several variants in one pass over the trace: it is read, decompressed and its pages
+    encoded once (ahead, with the first variant's codec), and each chunk goes to every
+    variant's device in turn. Only for variants whose devices encode alike (check_settings'
+    key): then the encodings are theirs too. Each result is what ``replay`` gives alone, but
+    for the timing keys, which are the pass's: its wall time, and the pages it put through
+    all its devices per second (``pass_variants`` of them)."""
     wall = time.perf_counter()
+    variants = [dict(settings) for settings in variants]
+    devices: list[CompressedDevice] = []
     with TraceReader(path) as reader, collector_paused(), \
             tempfile.TemporaryDirectory(prefix="cramfs-replay-") as workdir:
         header = reader.header
-        device = build_device(header, settings, Path(workdir))
-        _, ahead_codec = expecting_codec(device)
+        ahead_codec: Codec | None = None
         try:
-            run = _Replay(device, header, settings, path)
+            runs = []
+            for index, settings in enumerate(variants):
+                home = Path(workdir) / str(index)  # zswap's backing file, one per device
+                home.mkdir()
+                devices.append(build_device(header, settings, home))
+                _, own_ahead = expecting_codec(devices[-1])
+                if ahead_codec is None:
+                    ahead_codec = own_ahead
+                else:
+                    own_ahead.close()
+                runs.append(_Replay(devices[-1], header, settings, path))
+            assert ahead_codec is not None
             for records, expects in ahead(prepared_chunks(reader, ahead_codec)):
-                run.run_chunk(records, expects)
-            run.finish(reader.end_time)
-            result = _report(run, settings)
-            result["trace"] = _trace_summary(reader, run)
+                for run in runs:
+                    run.run_chunk(records, expects)
+            results = []
+            for run, settings in zip(runs, variants, strict=True):
+                run.finish(reader.end_time)
+                result = _report(run, settings)
+                result["trace"] = _trace_summary(reader, run)
+                results.append(result)
         finally:
-            device.close()
-            ahead_codec.close()
-    result["wall_seconds"] = time.perf_counter() - wall
-    moved = run.counts[-OP_WRITE] + run.counts[-OP_READ]
-    result["pages_per_second"] = (moved >> PAGE_SHIFT) / result["wall_seconds"]
-    return result
+            for device in devices:
+                device.close()
+            if ahead_codec is not None:
+                ahead_codec.close()
+    seconds = time.perf_counter() - wall
+    for result, run in zip(results, runs, strict=True):
+        moved = run.counts[-OP_WRITE] + run.counts[-OP_READ]
+        result["wall_seconds"] = seconds
+        result["pages_per_second"] = (moved >> PAGE_SHIFT) * len(runs) / seconds
+        result["pass_variants"] = len(runs)
+    return results
 
 
 def _report(run: _Replay, settings: Settings) -> dict[str, Any]:
@@ -846,16 +883,43 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 def replay_all(path: str | os.PathLike[str], variants: list[Settings],
                jobs: int | None = None) -> list[dict[str, Any]]:
     """Every variant, checked first (a bad value fails before anything runs), then run in
-    parallel processes (at most ``jobs`` and the CPU count), each streaming the trace."""
+    parallel processes (at most ``jobs`` and the CPU count), each streaming the trace.
+    Variants whose pages encode alike share a pass (replay_pass), as long as that leaves a
+    process for each CPU: a pool or policy sweep then compresses each page once per process,
+    not once per variant. Results in the order of ``variants``."""
     header = read_header(path)
-    for settings in variants:
-        check_settings(header, settings)
+    keys = [check_settings(header, settings) for settings in variants]
     cpus = os.cpu_count() or 1
     workers = max(1, min(len(variants), jobs or cpus, cpus))
+    passes = plan_passes(keys, workers)
+    work = [[variants[i] for i in indices] for indices in passes]
     if workers == 1:
-        return [replay(path, settings) for settings in variants]
-    with ProcessPoolExecutor(max_workers=workers) as executor:
-        return list(executor.map(replay, [path] * len(variants), variants))
+        done = [replay_pass(path, group) for group in work]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as executor:
+            done = list(executor.map(replay_pass, [path] * len(work), work))
+    results: list[dict[str, Any]] = [{} for _ in variants]
+    for indices, group in zip(passes, done, strict=True):
+        for index, result in zip(indices, group, strict=True):
+            results[index] = result
+    return results
+
+
+def plan_passes(keys: list[CodecKey], workers: int) -> list[list[int]]:
+    """Variant indices grouped into passes: variants of one codec key together, the largest
+    group halved while there are fewer passes than ``workers`` (so every CPU has one)."""
+    groups: dict[CodecKey, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    passes = list(groups.values())
+    while len(passes) < workers:
+        largest = max(passes, key=len)
+        if len(largest) < 2:
+            break
+        passes.remove(largest)
+        half = (len(largest) + 1) // 2
+        passes += [largest[:half], largest[half:]]
+    return sorted(passes)
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from cramfs.replay import (
     ReplayError,
     ahead,
     parse_settings,
+    plan_passes,
     prepare_chunk,
     render_table,
     replay,
@@ -317,6 +318,46 @@ def test_smaller_pool_variant_rejects_more(tmp_path: Path) -> None:
     assert smaller["outcomes_changed"] > 0
     assert smaller["mm_stat"]["mem_limit"] == 24 * 1024
     assert smaller["peak_pool_bytes"] <= 24 * 1024
+
+
+def test_variants_sharing_a_pass_get_what_they_get_alone(tmp_path: Path) -> None:
+    """Variants that encode alike share one pass over the trace (one compression of each
+    page); each still gets exactly its own replay's numbers."""
+    path = tmp_path / "node.trace"
+    record_node(path, steps=800)
+    variants: list[dict[str, Any]] = [{}, {"pool": 24 * P}, {"policy": Policy.THROTTLE},
+                                      {"compressor": "deflate"}, {"huge_threshold": 2048}]
+    together = replay_all(path, variants, jobs=1)
+    assert [r["pass_variants"] for r in together] == [3, 3, 3, 1, 1]
+    alone = [replay(path, settings) for settings in variants]
+    assert [strip_timing(r) for r in together] == [strip_timing(r) for r in alone]
+    assert together[1]["outcomes_changed"] > 0  # the smaller pool did change outcomes
+
+
+def test_a_zswap_pass_gives_each_device_its_own_backing_file(tmp_path: Path) -> None:
+    path = tmp_path / "zswap.trace"
+    device = ZswapDevice(DeviceConfig(size=512 * P, pool=64 * P, level=1),
+                         tmp_path / "backing.img", max_pool_percent=40)
+    try:
+        rec = Recorder(device, start_trace(path, "zswap0", "zswap", device))
+        workload(rec, random.Random(8), 800, zswap=True)
+        rec.writer.close(rec.t)
+    finally:
+        device.close()
+    variants: list[dict[str, Any]] = [{}, {"max_pool_percent": 20}]
+    together = replay_all(path, variants, jobs=1)
+    assert together[0]["pass_variants"] == 2
+    assert together[0]["written_back_pages"] and together[1]["written_back_pages"]
+    assert [strip_timing(r) for r in together] == [
+        strip_timing(replay(path, settings)) for settings in variants]
+
+
+def test_plan_passes_groups_alike_variants_and_keeps_every_cpu_busy() -> None:
+    zstd, lz4 = ("zstd", -1, 3264), ("lz4", None, 3264)
+    assert plan_passes([zstd, zstd, lz4, zstd, lz4], 1) == [[0, 1, 3], [2, 4]]
+    assert plan_passes([zstd, zstd, zstd], 2) == [[0, 1], [2]]
+    assert plan_passes([zstd, zstd, zstd, zstd], 4) == [[0], [1], [2], [3]]
+    assert plan_passes([zstd], 2) == [[0]]
 
 
 def test_synthesized_zero_flush(tmp_path: Path) -> None:
