@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cramfs.compressors import NAMES, format_spec
 from cramfs.watermarks import FailureMode, Policy
-from cramfs.zswap import ZswapDevice
 from daemon import recording
 from daemon.capabilities import discard_supported
 from daemon.devices import DeviceEntry
@@ -23,7 +22,8 @@ Writer = Callable[[DeviceEntry, str], None]
 Event = Callable[[DeviceEntry], tuple[str, dict[str, object]]]
 
 
-def _setting(key: str, value: Callable[[DeviceEntry], object]) -> Event:
+def setting(key: str, value: Callable[[DeviceEntry], object]) -> Event:
+    """A trace event recording that ``key`` was set to what ``value`` reads now."""
     return lambda entry: ("set", {key: value(entry)})
 
 
@@ -42,13 +42,11 @@ def _fields(values: tuple[int, ...]) -> str:
 
 
 def _fraction(text: str) -> float:
+    """A watermark as text; its range is the device's to check (set_watermarks)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise ValueError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"must be within 0..1: {text!r}")
-    return value
 
 
 def _set_low(entry: DeviceEntry, text: str) -> None:
@@ -61,12 +59,6 @@ def _set_high(entry: DeviceEntry, text: str) -> None:
 
 def _set_policy(entry: DeviceEntry, text: str) -> None:
     entry.device.set_policy(Policy(text))
-
-
-def _set_no_alloc(entry: DeviceEntry, text: str) -> None:
-    if text not in ("0", "1"):
-        raise ValueError("write 1 to close the allocation gate, 0 to open it")
-    entry.device.set_no_alloc(text == "1")
 
 
 def _set_failure_mode(entry: DeviceEntry, text: str) -> None:
@@ -140,16 +132,16 @@ ATTRIBUTES: tuple[Attribute, ...] = (
               doc="pool bytes that can still be placed before high"),
     Attribute("watermark_low", lambda e: f"{e.device.watermarks.low}\n", _set_low,
               doc="fraction of the pool; pressure clears below it",
-              event=_setting("low", lambda e: e.device.watermarks.low)),
+              event=setting("low", lambda e: e.device.watermarks.low)),
     Attribute("watermark_high", lambda e: f"{e.device.watermarks.high}\n", _set_high,
               doc="fraction of the pool; pressure rises above it",
-              event=_setting("high", lambda e: e.device.watermarks.high)),
+              event=setting("high", lambda e: e.device.watermarks.high)),
     Attribute("write_policy", lambda e: e.device.policy.value + "\n", _set_policy,
               doc="reject, throttle or none",
-              event=_setting("policy", lambda e: e.device.policy.value)),
+              event=setting("policy", lambda e: e.device.policy.value)),
     Attribute("failure_mode", lambda e: e.device.failure_mode.value + "\n", _set_failure_mode,
               doc="drop or poison (policy none, past the real capacity)",
-              event=_setting("failure_mode", lambda e: e.device.failure_mode.value)),
+              event=setting("failure_mode", lambda e: e.device.failure_mode.value)),
     Attribute("zero_pending", lambda e: f"{e.device.releasing_bytes}\n",
               doc="pool bytes of released pages waiting for the zero flush"),
     Attribute("pool_resident", lambda e: f"{e.device.pool.resident_bytes()}\n",
@@ -172,85 +164,11 @@ ATTRIBUTES: tuple[Attribute, ...] = (
               doc="refusal storms recognised: the same refused writes retried again and again"),
 )
 
-# The allocation gate: on swap and node devices (zswap never refuses a write).
-GATE_ATTRIBUTES: tuple[Attribute, ...] = (
-    Attribute("no_alloc", lambda e: f"{int(e.device.no_alloc)}\n", _set_no_alloc,
-              doc="1: every write that needs new pool space fails ENOSPC (reason gate)",
-              event=_setting("no_alloc", lambda e: e.device.no_alloc)),
-)
-
-
-ZSWAP_COUNTERS = ("pool_limit_hit", "reject_reclaim_fail", "reject_alloc_fail",
-                  "reject_kmemcache_fail", "reject_compress_fail", "reject_compress_poor",
-                  "decompress_fail", "written_back_pages", "pool_total_size", "stored_pages",
-                  "stored_incompressible_pages")
-
-
-def _zswap(entry: DeviceEntry) -> ZswapDevice:
-    """The zswap device behind a zswap-only file (the registry gives these files to no other
-    kind)."""
-    device = entry.device
-    assert isinstance(device, ZswapDevice), f"{entry.name} is not a zswap device"
-    return device
-
-
-def _zswap_counter(name: str) -> Reader:
-    return lambda entry: f"{_zswap(entry).debugfs()[name]}\n"
-
-
-def _percent(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"not a whole percent: {text!r}")
-    return int(text)
-
-
-def _set_max_pool(entry: DeviceEntry, text: str) -> None:
-    _zswap(entry).set_limits(max_pool_percent=_percent(text))
-
-
-def _set_accept(entry: DeviceEntry, text: str) -> None:
-    _zswap(entry).set_limits(accept_threshold_percent=_percent(text))
-
-
-def _backing_allocated(entry: DeviceEntry) -> str:
-    backing = _zswap(entry).backing
-    return f"{backing.allocated_bytes() if backing is not None else 0}\n"
-
-
-ZSWAP_ATTRIBUTES: tuple[Attribute, ...] = tuple(
-    Attribute(name, _zswap_counter(name), doc="as zswap's debugfs file of the same name")
-    for name in ZSWAP_COUNTERS) + (
-    Attribute("max_pool_percent", lambda e: f"{_zswap(e).max_pool_percent}\n", _set_max_pool,
-              doc="share of the pool zswap may fill",
-              event=_setting("max_pool_percent", lambda e: _zswap(e).max_pool_percent)),
-    Attribute("accept_threshold_percent", lambda e: f"{_zswap(e).accept_threshold_percent}\n",
-              _set_accept, doc="after the limit is hit, refuse until usage is below this "
-              "share of the limit",
-              event=_setting("accept_threshold_percent",
-                             lambda e: _zswap(e).accept_threshold_percent)),
-    Attribute("backing_pages", lambda e: f"{e.device.backing_pages}\n",
-              doc="pages living in the backing file"),
-    Attribute("backing_allocated", _backing_allocated,
-              doc="bytes the backing file really occupies on disk"),
-)
-
-
-NODE_ATTRIBUTES: tuple[Attribute, ...] = (
-    Attribute("safe_pages", lambda e: f"{e.device.safe_pages()}\n",
-              doc="pages of the present compressibility that fit before high: ask before "
-              "placing"),
-    Attribute("zratio", lambda e: f"{e.device.zratio():.4f}\n",
-              doc="the ratio the device promises: size / pool"),
-    Attribute("balloon_pages", lambda e: f"{e.device.balloon_pages()}\n",
-              doc="advertised pages to withhold so the rest is backed at the achieved ratio"),
-    Attribute("trim_count", lambda e: f"{e.device.counters.discarded_pages}\n",
-              doc="pages the host released by discard: the device's media zero (trim)"),
-)
-
 
 def attributes_for(kind: str) -> tuple[Attribute, ...]:
-    if kind == "zswap":
-        return ATTRIBUTES + ZSWAP_ATTRIBUTES
-    if kind == "node":
-        return ATTRIBUTES + GATE_ATTRIBUTES + NODE_ATTRIBUTES
-    return ATTRIBUTES + GATE_ATTRIBUTES
+    """Every file of a device of ``kind``: the common ones, then the kind's own (its entry in
+    the registry, daemon.kinds, which imports this module for Attribute: hence the late
+    import)."""
+    from daemon.kinds import kind_named
+
+    return ATTRIBUTES + kind_named(kind).files

@@ -7,21 +7,22 @@ user what to fix.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cramfs import PAGE_SIZE, compressors
+from cramfs import PAGE_SHIFT, PAGE_SIZE, compressors, pagetable
 from cramfs.device import DeviceConfig
 from cramfs.interrupts import InterruptConfig
-from cramfs.sizes import parse_size
+from cramfs.sizes import format_size_approx, parse_size
 from cramfs.timing import TimingConfig
 from cramfs.watermarks import FailureMode, Policy, validate_marks
-from cramfs.zswap import DEFAULT_ACCEPT_THRESHOLD_PERCENT, DEFAULT_MAX_POOL_PERCENT
+from daemon import kinds
 from daemon.addresses import AddressError, parse_address
-from daemon.devices import KINDS
+from daemon.kinds import Settings
 
 DEFAULT_PATH = Path("/etc/cramfs/cramfs.toml")
 COMPRESSORS = compressors.NAMES
@@ -32,12 +33,16 @@ COMPRESSORS = compressors.NAMES
 # (lzo-rle) needs (level 1: 0.73x). -2 was no faster beyond noise and needs 0.87x, close to
 # zram's own; -3 reaches zram's 1.0x, giving up the reason to compress harder than zram.
 DEFAULT_LEVEL = -1
+# A file (a loop device's backing, a FUSE file) is addressed with signed 64-bit offsets.
+MAX_FILE_BYTES = 2**63 - 1
+# A device's page table may take at most this share (1/N) of the machine's memory before
+# anything is stored: beyond it the daemon is OOM-killed at start or starves the host.
+MEMORY_SHARE = 4
 _TOP_KEYS = {"mountpoint", "metrics_address", "device"}
 _DEVICE_KEYS = {"kind", "size", "pool", "compressor", "level", "watermarks", "huge_threshold",
                 "zero_flush_interval", "timing", "interrupts", "trace"}
 _TIMING_KEYS = {"read_latency", "write_latency", "read_bandwidth", "write_bandwidth",
                 "read_error_rate", "write_error_rate", "seed"}
-_ZSWAP_KEYS = {"backing_file", "max_pool_percent", "accept_threshold_percent"}
 _WATERMARK_KEYS = {"low", "high", "policy", "failure_mode", "throttle_max_delay",
                    "no_alloc_on_full"}
 _INTERRUPT_KEYS = {"delay", "drop_rate", "seed"}
@@ -51,21 +56,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ZswapSpec:
-    """A zswap device's own keys: its backing file and its pool limit with hysteresis."""
-
-    backing_file: Path
-    max_pool_percent: int = DEFAULT_MAX_POOL_PERCENT
-    accept_threshold_percent: int = DEFAULT_ACCEPT_THRESHOLD_PERCENT
-
-
-@dataclass
 class DeviceSpec:
     name: str
     kind: str
     device: DeviceConfig
     compressor: str = "zstd"
-    zswap: ZswapSpec | None = None  # zswap devices only
+    settings: Settings = field(default_factory=Settings)  # the kind's own keys (daemon.kinds)
     trace: Path | None = None  # record the device's traffic from start (cramfs replay)
 
 
@@ -146,11 +142,12 @@ def _device(name: str, body: Any) -> DeviceSpec:
         raise ConfigError(f"{where}: device names must be letters, digits and _")
     if not isinstance(body, dict):
         raise ConfigError(f"{where}: must be a table")
-    kind = body.get("kind")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-    allowed = _DEVICE_KEYS | (_ZSWAP_KEYS if kind == "zswap" else set())
-    _no_unknown(body, allowed, f"{where}.")
+    kind_name = body.get("kind")
+    if not isinstance(kind_name, str) or kind_name not in kinds.REGISTRY:
+        raise ConfigError(f"{where}.kind: must be one of {', '.join(kinds.NAMES)}, "
+                          f"got {kind_name!r}")
+    kind = kinds.kind_named(kind_name)
+    _no_unknown(body, _DEVICE_KEYS | kind.settings.KEYS, f"{where}.")
     for key in ("size", "pool"):
         if key not in body:
             raise ConfigError(f"{where}.{key}: required")
@@ -169,60 +166,54 @@ def _device(name: str, body: Any) -> DeviceSpec:
         level = compressors.validate(compressor, level)
     except ValueError as exc:
         raise ConfigError(f"{where}.level: {exc}") from None
-    extra: dict[str, Any] = {}
+    values: dict[str, Any] = {"size": size, "pool": pool, "level": level,
+                              "compressor": compressor}
     if "huge_threshold" in body:
-        extra["huge_threshold"] = _int(body["huge_threshold"], f"{where}.huge_threshold",
-                                       256, PAGE_SIZE)
-    marks = body.get("watermarks", {})
-    if not isinstance(marks, dict):
-        raise ConfigError(f"{where}.watermarks: must be a table")
-    _no_unknown(marks, _WATERMARK_KEYS, f"{where}.watermarks.")
-    low, high = marks.get("low", 0.80), marks.get("high", 0.90)
-    try:
-        validate_marks(low, high)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.watermarks: {exc}") from exc
-    policy = _enum(Policy, marks.get("policy", "reject"), f"{where}.watermarks.policy")
-    mode = _enum(FailureMode, marks.get("failure_mode", "poison"),
-                 f"{where}.watermarks.failure_mode")
-    delay = marks.get("throttle_max_delay", 0.05)
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 60:
-        raise ConfigError(f"{where}.watermarks.throttle_max_delay: seconds in 0..60, "
-                          f"got {delay!r}")
+        # the codec takes 1..4096; below 256 every page would be stored raw
+        values["huge_threshold"] = _int(body["huge_threshold"], f"{where}.huge_threshold",
+                                        256, PAGE_SIZE)
     if "zero_flush_interval" in body:
-        extra["zero_flush_interval"] = _number(body["zero_flush_interval"],
-                                               f"{where}.zero_flush_interval", 0, 3600)
-    extra["timing"] = _timing(body.get("timing", {}), f"{where}.timing")
-    extra["interrupts"] = _interrupts(body.get("interrupts", {}), f"{where}.interrupts")
-    gate = marks.get("no_alloc_on_full", False)
-    if not isinstance(gate, bool):
-        raise ConfigError(f"{where}.watermarks.no_alloc_on_full: must be true or false, "
-                          f"got {gate!r}")
-    extra["no_alloc_on_full"] = gate
+        values["zero_flush_interval"] = _number(body["zero_flush_interval"],
+                                                f"{where}.zero_flush_interval")
+    values.update(_watermarks(body.get("watermarks", {}), f"{where}.watermarks"))
+    values["timing"] = _timing(body.get("timing", {}), f"{where}.timing")
+    values["interrupts"] = _interrupts(body.get("interrupts", {}), f"{where}.interrupts")
+    config = _checked(DeviceConfig, values, where, _DEVICE_KEY_OF,
+                      base={"size": PAGE_SIZE, "pool": PAGE_SIZE})
+    _describable(size, body["size"], f"{where}.size")
     try:
-        config = DeviceConfig(size=size, pool=pool, level=level, compressor=compressor,
-                              low=float(low),
-                              high=float(high), policy=policy, failure_mode=mode,
-                              throttle_max_delay=float(delay), **extra)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    zswap = _zswap(body, where) if kind == "zswap" else None
+        settings = kind.settings.parse(body)
+    except kinds.SettingError as exc:
+        raise ConfigError(f"{where}.{exc.key}: {exc}") from None
     trace = body.get("trace")
     if trace is not None and (not isinstance(trace, str) or not trace.startswith("/")):
         raise ConfigError(f"{where}.trace: must be an absolute path, got {trace!r}")
-    return DeviceSpec(name, kind, config, compressor, zswap,
+    return DeviceSpec(name, kind.name, config, compressor, settings,
                       Path(trace) if trace is not None else None)
 
 
-def _zswap(body: dict[str, Any], where: str) -> ZswapSpec:
-    backing = body.get("backing_file")
-    if not isinstance(backing, str) or not backing:
-        raise ConfigError(f"{where}.backing_file: required for zswap devices (a path on disk)")
-    max_pool = _int(body.get("max_pool_percent", DEFAULT_MAX_POOL_PERCENT),
-                    f"{where}.max_pool_percent", 1, 100)
-    accept = _int(body.get("accept_threshold_percent", DEFAULT_ACCEPT_THRESHOLD_PERCENT),
-                  f"{where}.accept_threshold_percent", 0, 100)
-    return ZswapSpec(Path(backing), max_pool, accept)
+def _watermarks(marks: Any, where: str) -> dict[str, Any]:
+    """The DeviceConfig fields of ``[device.NAME.watermarks]``."""
+    if not isinstance(marks, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _no_unknown(marks, _WATERMARK_KEYS, f"{where}.")
+    low, high = marks.get("low", 0.80), marks.get("high", 0.90)
+    try:
+        validate_marks(low, high)  # the Watermarks' own check
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    delay = marks.get("throttle_max_delay", 0.05)
+    # the device takes any delay; a minute per write is already a hung swap
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 60:
+        raise ConfigError(f"{where}.throttle_max_delay: seconds in 0..60, got {delay!r}")
+    gate = marks.get("no_alloc_on_full", False)
+    if not isinstance(gate, bool):
+        raise ConfigError(f"{where}.no_alloc_on_full: must be true or false, got {gate!r}")
+    return {"low": float(low), "high": float(high),
+            "policy": _enum(Policy, marks.get("policy", "reject"), f"{where}.policy"),
+            "failure_mode": _enum(FailureMode, marks.get("failure_mode", "poison"),
+                                  f"{where}.failure_mode"),
+            "throttle_max_delay": float(delay), "no_alloc_on_full": gate}
 
 
 def _interrupts(table: Any, where: str) -> InterruptConfig:
@@ -230,14 +221,10 @@ def _interrupts(table: Any, where: str) -> InterruptConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
     _no_unknown(table, _INTERRUPT_KEYS, f"{where}.")
-    values: dict[str, Any] = {}
-    if "delay" in table:
-        values["delay"] = _number(table["delay"], f"{where}.delay", 0, 3600)
-    if "drop_rate" in table:
-        values["drop_rate"] = _number(table["drop_rate"], f"{where}.drop_rate", 0, 1)
+    values: dict[str, Any] = {key: table[key] for key in ("delay", "drop_rate") if key in table}
     if "seed" in table:
         values["seed"] = _int(table["seed"], f"{where}.seed", 0, 2**63)
-    return InterruptConfig(**values)
+    return _checked(InterruptConfig, values, where)
 
 
 def _timing(table: Any, where: str) -> TimingConfig:
@@ -246,26 +233,82 @@ def _timing(table: Any, where: str) -> TimingConfig:
     _no_unknown(table, _TIMING_KEYS, f"{where}.")
     values: dict[str, Any] = {}
     for op in ("read", "write"):
-        if f"{op}_latency" in table:
-            values[f"{op}_latency"] = _number(table[f"{op}_latency"], f"{where}.{op}_latency",
-                                              0, 60)
+        for key in (f"{op}_latency", f"{op}_error_rate"):
+            if key in table:
+                values[key] = _number(table[key], f"{where}.{key}")
         if f"{op}_bandwidth" in table:
             try:
                 values[f"{op}_bandwidth"] = parse_size(table[f"{op}_bandwidth"])
             except ValueError as exc:
                 raise ConfigError(f"{where}.{op}_bandwidth: {exc} (bytes per second)") from exc
-        if f"{op}_error_rate" in table:
-            values[f"{op}_error_rate"] = _number(table[f"{op}_error_rate"],
-                                                 f"{where}.{op}_error_rate", 0, 1)
     if "seed" in table:
         values["seed"] = _int(table["seed"], f"{where}.seed", 0, 2**63)
-    return TimingConfig(**values)
+    return _checked(TimingConfig, values, where)
 
 
-def _number(value: Any, key: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ConfigError(f"{key}: must be a number in {low}..{high}, got {value!r}")
+_T = TypeVar("_T")
+# DeviceConfig fields read from the watermarks table, by their key there
+_DEVICE_KEY_OF = {key: f"watermarks.{key}" for key in
+                  ("low", "high", "policy", "failure_mode", "throttle_max_delay",
+                   "no_alloc_on_full")}
+
+
+def _checked(make: Callable[..., _T], values: dict[str, Any], where: str,
+             key_of: dict[str, str] | None = None, base: dict[str, Any] | None = None) -> _T:
+    """``make(**values)``, the object that owns the ranges checking them. A refusal names
+    the key: each value is tried alone (over ``base``, what ``make`` needs besides) to find
+    the one refused; a refusal of no single value names the table ``where``."""
+    try:
+        return make(**values)
+    except ValueError as exc:
+        message = str(exc)
+    for field_name, value in values.items():
+        try:
+            make(**{**(base or {}), field_name: value})
+        except ValueError as exc:
+            key = (key_of or {}).get(field_name, field_name)
+            raise ConfigError(f"{where}.{key}: {_without_name(str(exc), field_name)}") from None
+    raise ConfigError(f"{where}: {message}")
+
+
+def _without_name(message: str, name: str) -> str:
+    """"read_latency must be 0..60" -> "must be 0..60": the key leads the line already."""
+    first, _, rest = message.partition(" ")
+    return rest if rest and (first == name or first.endswith("." + name)) else message
+
+
+def _number(value: Any, key: str) -> float:
+    """A number (its range is checked by the object it configures)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
     return float(value)
+
+
+def machine_memory() -> int | None:
+    """The machine's memory (MemTotal), bytes; None where /proc/meminfo cannot tell."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _describable(size: int, text: Any, key: str) -> None:
+    """Refuse a size whose page table alone (pagetable.fixed_bytes: what an empty device of
+    that many pages costs) would take more than MEMORY_SHARE of the machine's memory: it
+    would be OOM-killed at start or starve the host before storing a page."""
+    total = machine_memory()
+    if total is None:
+        return
+    fixed = pagetable.fixed_bytes(size >> PAGE_SHIFT)
+    if fixed * MEMORY_SHARE > total:
+        raise ConfigError(
+            f"{key}: {text!r} needs {format_size_approx(fixed)} of page-table metadata before "
+            f"storing anything, more than 1/{MEMORY_SHARE} of this machine's "
+            f"{format_size_approx(total)} of memory")
 
 
 def _size(value: Any, key: str) -> int:
@@ -273,9 +316,11 @@ def _size(value: Any, key: str) -> int:
         size = parse_size(value)
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from exc
-    if size <= 0 or size % PAGE_SIZE:
-        raise ConfigError(f"{key}: must be a positive multiple of 4K, got {value!r}")
-    return size
+    if size > MAX_FILE_BYTES:
+        # loop devices and FUSE address a file with signed 64-bit offsets
+        raise ConfigError(f"{key}: {value!r} is beyond what a file can address "
+                          f"({MAX_FILE_BYTES} bytes)")
+    return size  # its multiple of 4K and its upper bound are DeviceConfig's to check
 
 
 def _int(value: Any, key: str, low: int, high: int) -> int:

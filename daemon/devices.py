@@ -8,13 +8,11 @@ from cramfs.device import CompressedDevice
 from cramfs.storm import RefusalStorm
 from cramfs.trace import TraceWriter
 
-KINDS = ("swap", "zswap", "node")
-
 
 @dataclass
 class DeviceEntry:
     name: str
-    kind: str  # one of KINDS
+    kind: str  # a name in daemon.kinds.REGISTRY
     device: CompressedDevice
     storm: RefusalStorm = field(default_factory=RefusalStorm)  # the kernel's retry loop
     trace: TraceWriter | None = None  # recording its traffic (daemon.recording)

@@ -24,9 +24,8 @@ import trio
 
 from cramfs.device import CompressedDevice
 from cramfs.timing import Timing
-from cramfs.zswap import ZswapDevice
 from daemon import config as configuration
-from daemon import recording, system
+from daemon import kinds, recording, system
 from daemon.capabilities import DISCARD_UNAVAILABLE, discard_supported
 from daemon.devices import DeviceEntry
 from daemon.fs import CramOperations
@@ -38,8 +37,6 @@ log = logging.getLogger("cramfs")
 MAX_BACKGROUND = 64
 FUSE_WORKERS = 64
 FUSE_MIN_TASKS = 4
-SHRINKER_IDLE = 0.02  # seconds between checks of a zswap pool
-SHRINK_BATCH = 64  # pages a shrinker pass writes back at most, so FUSE requests interleave
 
 
 class UsageError(Exception):
@@ -137,26 +134,19 @@ def prepare_mountpoint(path: Path, key: str) -> None:
 
 
 def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
-    if spec.zswap is None:
-        return CompressedDevice(spec.device)
-    zswap = spec.zswap
+    """The device of the spec's kind (daemon.kinds); exit 2 naming a key the machine refused
+    (a backing file that cannot be created)."""
     try:
-        return ZswapDevice(spec.device, zswap.backing_file, zswap.max_pool_percent,
-                           zswap.accept_threshold_percent)
-    except OSError as exc:
-        raise UsageError(f"device.{spec.name}.backing_file: {zswap.backing_file}: "
-                         f"{exc.strerror}") from None
+        return spec.settings.build(spec.device)
+    except kinds.SettingError as exc:
+        raise UsageError(f"device.{spec.name}.{exc.key}: {exc}") from None
 
 
-# What a SIGHUP applies at once (DeviceConfig fields, then zswap's), and what needs a restart.
+# What a SIGHUP applies at once and what needs a restart, of the DeviceConfig fields every
+# kind has; a kind's own keys say the same in its Settings (RUNTIME_KEYS, RESTART_KEYS).
 RUNTIME_KEYS = ("low", "high", "policy", "failure_mode", "throttle_max_delay", "timing",
                 "interrupts", "no_alloc_on_full")
-ZSWAP_RUNTIME_KEYS = ("max_pool_percent", "accept_threshold_percent")
 RESTART_KEYS = ("size", "pool", "compressor", "level", "huge_threshold", "zero_flush_interval")
-
-
-def _zswap_value(spec: configuration.DeviceSpec, key: str) -> object:
-    return None if spec.zswap is None else getattr(spec.zswap, key)
 
 
 def reload_plan(old: configuration.Config, new: configuration.Config
@@ -181,16 +171,17 @@ def reload_plan(old: configuration.Config, new: configuration.Config
         for key in RESTART_KEYS:
             if getattr(a.device, key) != getattr(b.device, key):
                 restart.append(f"device.{name}.{key}")
-        if _zswap_value(a, "backing_file") != _zswap_value(b, "backing_file"):
-            restart.append(f"device.{name}.backing_file")
+        for key in a.settings.RESTART_KEYS:
+            if getattr(a.settings, key) != getattr(b.settings, key):
+                restart.append(f"device.{name}.{key}")
         if a.trace != b.trace:
             restart.append(f"device.{name}.trace (use cramfs trace start/stop)")
         for key in RUNTIME_KEYS:
             if getattr(a.device, key) != getattr(b.device, key):
                 changes.append((name, key, getattr(b.device, key)))
-        for key in ZSWAP_RUNTIME_KEYS:
-            if _zswap_value(a, key) != _zswap_value(b, key):
-                changes.append((name, key, _zswap_value(b, key)))
+        for key in a.settings.RUNTIME_KEYS:
+            if getattr(a.settings, key) != getattr(b.settings, key):
+                changes.append((name, key, getattr(b.settings, key)))
     return changes, restart
 
 
@@ -268,8 +259,9 @@ class Daemon:
                 for entry in self.entries:
                     if entry.device.zero_flush_interval:
                         nursery.start_soon(self._zero_flusher, entry)
-                    if isinstance(entry.device, ZswapDevice):
-                        nursery.start_soon(self._shrinker, entry)
+                    background = kinds.kind_named(entry.kind).background
+                    if background is not None:
+                        nursery.start_soon(background, entry)
                 await pyfuse3.main(min_tasks=FUSE_MIN_TASKS, max_tasks=FUSE_WORKERS)
                 nursery.cancel_scope.cancel()
         finally:
@@ -295,23 +287,6 @@ class Daemon:
             if freed:
                 recording.event(entry, "flush")
                 log.debug("%s: zero flush returned %d pages", entry.name, freed)
-
-    async def _shrinker(self, entry: DeviceEntry) -> None:
-        """zswap's shrink worker: write cold pages back while the pool is above the accept
-        threshold, a batch at a time so FUSE requests interleave."""
-        device = entry.device
-        assert isinstance(device, ZswapDevice)
-        while True:
-            if device.needs_writeback():
-                written = device.writeback(max_pages=SHRINK_BATCH)
-                # even a batch that wrote nothing aged the referenced bits: replay needs it
-                recording.event(entry, "writeback", max_pages=SHRINK_BATCH, written=written)
-                if written == 0:
-                    await trio.sleep(SHRINKER_IDLE)  # nothing cold yet: let bits age
-                else:
-                    await trio.sleep(0)
-            else:
-                await trio.sleep(SHRINKER_IDLE)
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -346,9 +321,8 @@ class Daemon:
                 continue
             for key in RUNTIME_KEYS:
                 setattr(spec.device, key, getattr(fresh.device, key))
-            if spec.zswap is not None and fresh.zswap is not None:
-                for key in ZSWAP_RUNTIME_KEYS:
-                    setattr(spec.zswap, key, getattr(fresh.zswap, key))
+            for key in spec.settings.RUNTIME_KEYS:
+                setattr(spec.settings, key, getattr(fresh.settings, key))
         log.info("reload: %d change(s) applied, %d need a restart", len(changes), len(restart))
         return True
 
@@ -365,11 +339,12 @@ class Daemon:
                 continue
             shown: object
             if key == "policy":
-                if isinstance(device, ZswapDevice):
-                    log.warning("reload: %s.policy = %s ignored: a zswap device never refuses "
-                                "a write (its policy stays none)", entry.name, fresh.policy.value)
+                try:
+                    device.set_policy(fresh.policy)  # a kind that never refuses says no
+                except ValueError as exc:
+                    log.warning("reload: %s.policy = %s ignored: %s", entry.name,
+                                fresh.policy.value, exc)
                     continue
-                device.set_policy(fresh.policy)
                 shown = fresh.policy.value
             elif key == "failure_mode":
                 device.failure_mode = fresh.failure_mode
@@ -384,10 +359,8 @@ class Daemon:
             elif key == "interrupts":
                 device.interrupts.configure(fresh.interrupts)
                 shown = fresh.interrupts
-            elif isinstance(device, ZswapDevice) and spec.zswap is not None:
-                limits = spec.zswap
-                device.set_limits(limits.max_pool_percent, limits.accept_threshold_percent)
-                shown = getattr(limits, key)
+            elif key in spec.settings.RUNTIME_KEYS:
+                shown = spec.settings.apply(device, key)
             else:
                 continue
             if key not in ("timing", "interrupts"):  # replay ignores these two

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from cramfs import PAGE_SIZE
 from cramfs.watermarks import FailureMode, Policy
 from daemon import config as configuration
 from daemon import main as cramfsd
 from daemon.config import DEFAULT_LEVEL, ConfigError, parse
+from daemon.kinds import Settings, ZswapSettings
 
 GOOD = """
 mountpoint = "/run/test"
@@ -171,14 +175,11 @@ def test_zswap_keys():
         assert str(exc).startswith("device.swap0.kind:")
         return
     assert spec.kind == "zswap"
-    assert spec.zswap is not None
-    assert str(spec.zswap.backing_file) == "/var/tmp/z.img"
-    assert spec.zswap.max_pool_percent == 30
-    assert spec.zswap.accept_threshold_percent == 90
+    assert spec.settings == ZswapSettings(Path("/var/tmp/z.img"), 30, 90)
 
 
 def test_other_kinds_have_no_zswap_keys():
-    assert parse(device()).devices[0].zswap is None
+    assert parse(device()).devices[0].settings == Settings()
 
 
 @pytest.mark.parametrize("key, value", [("max_pool_percent", "0"), ("max_pool_percent", "101"),
@@ -320,6 +321,96 @@ def test_bad_huge_threshold(value):
 def test_bad_timing(line, key):
     body = f'kind = "swap"\nsize = "64M"\npool = "16M"\n\n[device.swap0.timing]\n{line}\n'
     assert error_of(device(body)).startswith(f"device.swap0.timing.{key}:")
+
+
+@pytest.mark.parametrize("table, line, key", [
+    ("", "zero_flush_interval = 3601", "zero_flush_interval"),
+    ("", 'zero_flush_interval = "1"', "zero_flush_interval"),
+    ("timing", "write_latency = 61", "timing.write_latency"),
+    ("timing", "read_error_rate = -0.5", "timing.read_error_rate"),
+    ("timing", "seed = -1", "timing.seed"),
+    ("interrupts", "drop_rate = 1.5", "interrupts.drop_rate"),
+    ("interrupts", 'delay = "1s"', "interrupts.delay"),
+    ("interrupts", "delay = 3601", "interrupts.delay")])
+def test_ranges_are_the_devices_and_the_message_names_the_key(table, line, key):
+    """config checks types; the object a value configures checks its range, and the config's
+    message still names the one key and says the range once."""
+    body = 'kind = "swap"\nsize = "64M"\npool = "16M"\n'
+    body += f"\n[device.swap0.{table}]\n{line}\n" if table else f"{line}\n"
+    message = error_of(device(body))
+    assert message.startswith(f"device.swap0.{key}: ") and "\n" not in message
+    name = key.rsplit(".", 1)[-1]
+    assert name not in message.split(": ", 1)[1], message  # the key is not said twice
+
+
+def test_values_in_range_reach_the_device():
+    body = ('kind = "swap"\nsize = "64M"\npool = "16M"\nzero_flush_interval = 3600\n'
+            "\n[device.swap0.timing]\nread_latency = 60\nwrite_error_rate = 1\n"
+            "\n[device.swap0.interrupts]\ndelay = 0.5\ndrop_rate = 1\n")
+    dev = parse(device(body)).devices[0].device
+    assert dev.zero_flush_interval == 3600
+    assert (dev.timing.read_latency, dev.timing.write_error_rate) == (60, 1)
+    assert (dev.interrupts.delay, dev.interrupts.drop_rate) == (0.5, 1)
+
+
+# -- a size the machine could never describe ----------------------------------------------
+
+def size_body(size: str) -> str:
+    return f'kind = "node"\nsize = "{size}"\npool = "4M"\n'
+
+
+@pytest.mark.parametrize("size", ["8796093022208T", "9999999999999999999"])
+def test_a_size_no_file_can_address_names_the_key(size):
+    message = error_of(device(size_body(size)))
+    assert message.startswith("device.swap0.size: ") and "address" in message
+    assert str(2**63 - 1) in message
+
+
+def test_a_size_past_the_devices_limit_names_the_key():
+    message = error_of(device(size_body("16T")))
+    assert message.startswith("device.swap0.size: ") and "16 TiB" in message
+
+
+def test_a_size_whose_page_table_the_machine_cannot_hold_names_the_key(monkeypatch):
+    """The fixed cost is asked of the page table (pagetable.fixed_bytes), never assumed:
+    refused past a quarter of MemTotal, accepted at it."""
+    from cramfs import pagetable
+
+    fixed = pagetable.fixed_bytes((1 << 40) // PAGE_SIZE)  # what a 1 TiB device costs empty
+    monkeypatch.setattr(configuration, "machine_memory",
+                        lambda: fixed * configuration.MEMORY_SHARE - 1)
+    message = error_of(device(size_body("1T")))
+    assert message.startswith("device.swap0.size: '1T' needs ") and "\n" not in message
+    assert "memory" in message
+    monkeypatch.setattr(configuration, "machine_memory",
+                        lambda: fixed * configuration.MEMORY_SHARE)
+    assert parse(device(size_body("1T"))).devices[0].device.size == 1 << 40
+    monkeypatch.setattr(configuration, "machine_memory", lambda: None)  # no /proc/meminfo
+    assert parse(device(size_body("1T"))).devices[0].device.size == 1 << 40
+
+
+def test_machine_memory_is_memtotal():
+    with open("/proc/meminfo") as meminfo:
+        first = meminfo.readline().split()
+    assert first[0] == "MemTotal:"
+    assert configuration.machine_memory() == int(first[1]) * 1024
+
+
+def test_main_a_size_the_machine_cannot_describe_exits_2(monkeypatch, tmp_path, capsys):
+    from cramfs import pagetable
+
+    fixed = pagetable.fixed_bytes((1 << 40) // PAGE_SIZE)
+    monkeypatch.setattr(configuration, "machine_memory",
+                        lambda: fixed * configuration.MEMORY_SHARE - 1)
+
+    def never(*args):
+        raise AssertionError("cramfsd started serving a config it should refuse")
+
+    monkeypatch.setattr(cramfsd.trio, "run", never)
+    path = tmp_path / "big.toml"
+    path.write_text(device(size_body("1T"), top=f'mountpoint = "{tmp_path / "mnt"}"'))
+    assert cramfsd.main(["--config", str(path)]) == 2
+    assert one_error_line(capsys).startswith("cramfsd: device.swap0.size: '1T' needs ")
 
 
 @pytest.mark.parametrize("value", ['""', "1", '"run/cramfs"', '"./mnt"'])
