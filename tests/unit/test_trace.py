@@ -112,6 +112,26 @@ def test_many_chunks_read_twice_and_compressed(tmp_path: Path) -> None:
         assert list(reader) == expected  # each iteration starts over
 
 
+def test_a_chunk_of_large_and_small_records_round_trips(tmp_path: Path) -> None:
+    """Large bodies go to zstd as they are, the small records around them joined: the
+    records come back in order either way, one chunk or several."""
+    large = b"".join(text_page(i) for i in range(64))  # 256 KiB: streamed as it is
+    for chunk_bytes in (4 << 20, 100 << 10):
+        path = tmp_path / f"t{chunk_bytes}.trace"
+        with TraceWriter(path, HEADER, chunk_bytes=chunk_bytes) as writer:
+            for i in range(6):
+                writer.write(i, i * P, text_page(i))
+                writer.write(i + 0.5, 1 << 20, large)
+                writer.read(i + 0.7, 0, P)
+            writer.close(9.0)
+        with TraceReader(path) as reader:
+            records = list(reader)
+        assert [(r.op, r.t, len(r.data or b"")) for r in records] == [
+            item for i in range(6) for item in (("write", i, P), ("write", i + 0.5, len(large)),
+                                                ("read", i + 0.7, 0))]
+        assert all(r.data == large for r in records if r.op == "write" and r.length > P)
+
+
 def test_writer_copies_data_the_caller_reuses(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     buffer = bytearray(text_page(1))
