@@ -20,20 +20,26 @@ from cramfs import PAGE_SHIFT, PAGE_SIZE, compressors
 from cramfs import codec as enc
 from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
+from cramfs.books import RELEASED_OWNER as RELEASED_OWNER
+from cramfs.books import Books
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
-from cramfs.errors import BackingError, InjectedFault, OutOfRange, PoisonedPage, WriteRejected
+from cramfs.control import WriteControl
+from cramfs.errors import BackingError, OutOfRange
+from cramfs.faults import Faults
 from cramfs.interrupts import InterruptConfig, InterruptLine
+from cramfs.stats import REJECT_FULL as REJECT_FULL
+from cramfs.stats import REJECT_GATE as REJECT_GATE
+from cramfs.stats import REJECT_REASONS as REJECT_REASONS
+from cramfs.stats import REJECT_WATERMARK as REJECT_WATERMARK
+from cramfs.stats import Counters as Counters
+from cramfs.stats import Stats
 from cramfs.timing import Timing, TimingConfig
-from cramfs.watermarks import FailureMode, Policy, State, Watermarks
+from cramfs.watermarks import FailureMode, Policy, Watermarks
 from cramfs.zspool import MAX_FRAMES_PER_BLOCK, PoolExhausted, ZsPool
 
 if TYPE_CHECKING:
     from cramfs.codec import PlanItem, Run
 
-REJECT_WATERMARK = "watermark"
-REJECT_FULL = "full"
-REJECT_GATE = "gate"  # the allocation gate (no_alloc) is closed
-REJECT_REASONS = (REJECT_WATERMARK, REJECT_FULL, REJECT_GATE)
 SAFE_RESERVE_BLOCKS = 4  # headroom safe_pages keeps back, in the allocator's largest blocks
 
 
@@ -70,39 +76,6 @@ class DeviceConfig:
         self.level = compressors.validate(self.compressor, self.level)
 
 
-@dataclass
-class Counters:
-    """Event counters (monotonic) kept as the device works, never recounted on read."""
-
-    read_requests: int = 0
-    write_requests: int = 0
-    read_bytes: int = 0
-    written_bytes: int = 0
-    failed_reads: int = 0
-    failed_writes: int = 0
-    invalid_io: int = 0
-    notify_free: int = 0  # pages released: zero writes that freed one, every discarded page
-    discard_requests: int = 0  # fallocate(PUNCH_HOLE / ZERO_RANGE) requests served
-    discarded_pages: int = 0  # whole pages those requests covered (the node's trim count)
-    huge_pages_since: int = 0
-    reject_compress_poor: int = 0
-    reject_alloc_fail: int = 0
-    pool_limit_hit: int = 0
-    lost_writes: int = 0  # pages dropped by FailureMode.DROP
-    poisoned_writes: int = 0  # pages poisoned by FailureMode.POISON
-    throttled_writes: int = 0
-    throttle_seconds: float = 0.0
-    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
-    # zswap's debugfs counters (stay 0 on devices without a backing file)
-    written_back_pages: int = 0
-    reject_reclaim_fail: int = 0
-    reject_compress_fail: int = 0
-    decompress_fail: int = 0
-    backing_write_errors: int = 0
-    injected_errors: dict[str, int] = field(
-        default_factory=lambda: {"read": 0, "write": 0})
-
-
 @dataclass(slots=True)
 class WritePlan:
     offset: int
@@ -134,7 +107,6 @@ class ReadPlan:
 
 Mend = tuple[int, bytes | None, bytes | None]  # page, bytes so far, coverage (None: done)
 
-RELEASED_OWNER = 0xFFFFFFFE  # pool owner of a released slot awaiting the zero flush
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
 _BACKING = -3  # phase-1 marker: written to the backing file (zswap)
@@ -145,6 +117,9 @@ class CompressedDevice:
 
     # Keep a referenced bit per stored page (an LRU's second chance; zswap's writeback).
     TRACKS_REFERENCES = False
+    # Write control may refuse a write (ENOSPC); zswap's backing file takes what the pool
+    # does not, so it never does.
+    REFUSES_WRITES = True
 
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
@@ -154,38 +129,139 @@ class CompressedDevice:
                            config.compressor)
         self.pool = ZsPool(config.pool, largest_compressed=config.huge_threshold)
         self.pool.on_move = self._moved
-        self.table = pt.PageTable(self.pages, referenced=self.TRACKS_REFERENCES)
         self.watermarks = Watermarks(self.pool.capacity, config.low, config.high)
         self.interrupts = InterruptLine(config.interrupts)
-        # The allocation gate: while closed, writes that need new pool space fail ENOSPC.
-        self.no_alloc = False
-        self.no_alloc_on_full = config.no_alloc_on_full
-        self.watermarks.subscribe(self._state_changed)
-        self.policy = config.policy
-        self.failure_mode = config.failure_mode
-        self.throttle_max_delay = config.throttle_max_delay
-        self.counters = Counters()
-        # Gauges kept exact on every change, so reading them is O(1).
-        self.pages_stored = 0
-        self.same_pages = 0
-        self.huge_pages = 0
-        self.compr_data_size = 0
-        self.poisoned: set[int] = set()
-        # Partial writes into poisoned pages, kept until the page's whole extent is written:
-        # page -> (its bytes so far, one byte per byte: 1 where written).
-        self.mending: dict[int, tuple[bytes, bytes]] = {}
-        self.lost: set[int] = set()
+        self.stats = Stats()
+        self.books = Books(pt.PageTable(self.pages, referenced=self.TRACKS_REFERENCES),
+                           self.pool)
+        self.faults = Faults(self.stats, config.timing, config.failure_mode)
+        self.control = WriteControl(self.stats, self.watermarks, config.policy,
+                                    config.throttle_max_delay, config.no_alloc_on_full,
+                                    refuses=self.REFUSES_WRITES)
         self._pending: dict[int, int] = {}
+        # Seconds a released page keeps its slot before the batched media zero (0: none).
         self.zero_flush_interval = config.zero_flush_interval
-        self.releasing: set[int] = set()  # pool handles of released pages awaiting the flush
-        self.releasing_bytes = 0
-        self.timing = Timing(config.timing)
-        # zswap (cramfs.zswap) plugs a backing file in; plain devices have none.
-        self.backing: BackingStore | None = None
-        self.backing_pages = 0
+
+    # -- the parts' state under the names the daemon and the tools read --------------------
+    @property
+    def table(self) -> pt.PageTable:
+        return self.books.table
+
+    @table.setter
+    def table(self, table: pt.PageTable) -> None:
+        """Replace the (empty) page table: tests use one with small chunks."""
+        self.books.table = table
+
+    @property
+    def backing(self) -> BackingStore | None:
+        """zswap (cramfs.zswap) plugs a backing file in; plain devices have none."""
+        return self.books.backing
+
+    @backing.setter
+    def backing(self, backing: BackingStore | None) -> None:
+        self.books.backing = backing
+
+    @property
+    def counters(self) -> Counters:
+        return self.stats.counters
+
+    @counters.setter
+    def counters(self, counters: Counters) -> None:
+        self.stats.counters = counters
+
+    @property
+    def pages_stored(self) -> int:
+        return self.books.pages_stored
+
+    @property
+    def same_pages(self) -> int:
+        return self.books.same_pages
+
+    @property
+    def huge_pages(self) -> int:
+        return self.books.huge_pages
+
+    @property
+    def compr_data_size(self) -> int:
+        return self.books.compr_data_size
+
+    @property
+    def backing_pages(self) -> int:
+        return self.books.backing_pages
+
+    @property
+    def releasing(self) -> set[int]:
+        return self.books.releasing
+
+    @property
+    def releasing_bytes(self) -> int:
+        return self.books.releasing_bytes
+
+    @property
+    def poisoned(self) -> set[int]:
+        return self.faults.poisoned
+
+    @property
+    def lost(self) -> set[int]:
+        return self.faults.lost
+
+    @property
+    def mending(self) -> dict[int, tuple[bytes, bytes]]:
+        return self.faults.mending
+
+    @property
+    def failure_mode(self) -> FailureMode:
+        return self.faults.failure_mode
+
+    @failure_mode.setter
+    def failure_mode(self, mode: FailureMode) -> None:
+        self.faults.failure_mode = FailureMode(mode)
+
+    @property
+    def timing(self) -> Timing:
+        return self.faults.timing
+
+    @timing.setter
+    def timing(self, timing: Timing) -> None:
+        self.faults.timing = timing
+
+    @property
+    def policy(self) -> Policy:
+        return self.control.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.control.set_policy(policy)
+
+    @property
+    def no_alloc(self) -> bool:
+        return self.control.no_alloc
+
+    @no_alloc.setter
+    def no_alloc(self, closed: bool) -> None:
+        self.control.set_no_alloc(closed)
+
+    @property
+    def no_alloc_on_full(self) -> bool:
+        return self.control.no_alloc_on_full
+
+    @no_alloc_on_full.setter
+    def no_alloc_on_full(self, on: bool) -> None:
+        self.control.no_alloc_on_full = bool(on)
+
+    @property
+    def throttle_max_delay(self) -> float:
+        return self.control.throttle_max_delay
+
+    @throttle_max_delay.setter
+    def throttle_max_delay(self, seconds: float) -> None:
+        self.control.throttle_max_delay = seconds
 
     # -- ranges -------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:
+        """The one range check: every entry point (write, read, discard, prepare_write,
+        fetch, the request jobs) runs it before anything else, and every refusal counts in
+        ``invalid_io`` as zram's does."""
         if offset < 0 or length < 0 or offset + length > self.size:
             self.counters.invalid_io += 1
             raise OutOfRange(
@@ -194,10 +270,13 @@ class CompressedDevice:
 
     # -- writes -------------------------------------------------------------------------
     def prepare_write(self, offset: int, data: bytes | memoryview) -> WritePlan:
-        """Compress the whole pages of a write. Pure; safe on any thread."""
+        """Compress the whole pages of a write. Pure apart from the range check; safe on any
+        thread."""
+        self.check_range(offset, len(data))
+        return self._prepare(offset, data)
+
+    def _prepare(self, offset: int, data: bytes | memoryview) -> WritePlan:
         length = len(data)
-        if offset < 0 or offset + length > self.size:
-            raise OutOfRange(f"write of {length} bytes at offset {offset} is outside the device")
         first = offset >> PAGE_SHIFT
         pages: list[Encoded | tuple[int, bytes]] = []
         pos = 0
@@ -224,10 +303,9 @@ class CompressedDevice:
         refused 1 MiB request is ~1 ms of compression). Pages that already hold a slot might
         shrink into it, so they are left to the full way.
         """
-        wm = self.watermarks
-        self._recheck_full()
-        if not data or not self.no_alloc and (self.policy is not Policy.REJECT
-                                              or wm.state is State.OK):
+        control = self.control
+        control.recheck_full(self.pool.used_bytes)
+        if not data or not control.refuses_growth():
             return
         table = self.table
         shift, mask = pt.STATE_SHIFT, table.chunk_mask
@@ -243,18 +321,18 @@ class CompressedDevice:
             if state == pt.COMPRESSED or state == pt.HUGE:
                 continue  # it might shrink into its slot
             if same_fill(bytes(data[pos:pos + PAGE_SIZE])) is None:
-                self._refuse()
+                control.refuse()
 
     def write(self, offset: int, data: bytes | memoryview) -> WriteResult:
         """Check, compress and commit on this thread. One whole aligned page while write
         control is idle (most of a swap-out, one page at a time) takes a short path, for the
         reason given in ``read``; anything else goes the general way."""
         if len(data) == PAGE_SIZE and not offset & (PAGE_SIZE - 1) and 0 <= offset < self.size \
-                and self.watermarks.state is State.OK and not self.no_alloc:
+                and self.control.idle:
             return self._write_page(offset >> PAGE_SHIFT, bytes(data))
         self.check_range(offset, len(data))
         self.precheck_write(offset, data)
-        return self.commit_write(self.prepare_write(offset, data))
+        return self.commit_write(self._prepare(offset, data))
 
     def _write_page(self, index: int, page: bytes) -> WriteResult:
         """``commit_write(prepare_write(...))`` for one whole page with the state ok, so with
@@ -286,30 +364,26 @@ class CompressedDevice:
             counters.write_requests += 1
             counters.written_bytes += plan.length
             return result
-        wm = self.watermarks
-        self._recheck_full()
-        if self.no_alloc and self._grows(first, encoded):
-            self._refuse()
-        pool = self.pool
-        if (wm.state is State.OK and not self.no_alloc and self.backing is None
-                and pool.total_frames - pool.used_frames
-                >= len(encoded) + MAX_FRAMES_PER_BLOCK * min(len(encoded), len(pool.classes))):
+        control, pool = self.control, self.pool
+        control.recheck_full(pool.used_bytes)
+        result.delay = control.admit(lambda: self._grows(first, encoded), pool.used_bytes)
+        if control.idle and self.backing is None and self._certainly_fits(len(encoded)):
             # Nothing can refuse this write and every page is certain to fit: one pass.
-            self._place_fused(first, encoded)
+            faults = self.faults
+            if faults.marked:
+                faults.mended_range(first, first + len(encoded))
+            notify, huge, poor = self.books.place_run(first, encoded,
+                                                      bool(self.zero_flush_interval))
+            counters.notify_free += notify
+            counters.huge_pages_since += huge
+            counters.reject_compress_poor += poor
             if mends:
                 self._keep_mends(mends)
             counters.write_requests += 1
             counters.written_bytes += plan.length
             self._settle()
             return result
-        if wm.state is not State.OK and self.policy is not Policy.NONE and self._grows(
-                first, encoded):
-            if self.policy is Policy.REJECT:
-                self._refuse()
-            result.delay = self.throttle_max_delay * wm.pressure(self.pool.used_bytes) / 1000
-            counters.throttled_writes += 1
-            counters.throttle_seconds += result.delay
-        peak = self.pool.max_used_frames
+        peak = pool.max_used_frames
         try:
             placed = self._place_all(first, encoded)
         except OSError as exc:
@@ -320,14 +394,14 @@ class CompressedDevice:
         failed = [i for i, h in enumerate(placed) if h == _FAILED]
         if failed and self.policy is not Policy.NONE:
             self._undo(peak)
-            self.pool.compact()
+            pool.compact()
             placed = self._place_all(first, encoded)
             if any(h == _FAILED for h in placed):
                 self._undo(peak)
                 counters.reject_alloc_fail += 1
                 counters.pool_limit_hit += 1
                 self._settle(alloc_failed=True)
-                self._reject(REJECT_FULL, "pool full: the write does not fit the real capacity")
+                control.reject(REJECT_FULL, "pool full: the write does not fit the real capacity")
         if failed:
             counters.reject_alloc_fail += 1
             counters.pool_limit_hit += 1
@@ -339,35 +413,22 @@ class CompressedDevice:
         self._settle(alloc_failed=bool(failed))
         return result
 
+    def _certainly_fits(self, pages: int) -> bool:
+        """Is the pool certain to hold ``pages`` new objects: a frame per page, and a fresh
+        block for each size class they may open?"""
+        pool = self.pool
+        return (pool.total_frames - pool.used_frames
+                >= pages + MAX_FRAMES_PER_BLOCK * min(pages, len(pool.classes)))
+
     def _settle(self, alloc_failed: bool = False) -> None:
         """The end of every change: compact what frees left slack in (never inside a commit
-        or an undo: moves would re-enter the books half-way), then re-evaluate the
-        watermarks."""
+        or an undo: moves would re-enter the books half-way), give back the page table's
+        chunks the change emptied, then re-evaluate the watermarks."""
         pool = self.pool
         if pool.slack:
             pool.compact_pending()
         self.table.give_back()
         self.watermarks.update(pool.used_bytes, alloc_failed=alloc_failed)
-
-    def _recheck_full(self) -> None:
-        """``full`` says one allocation failed; it must not outlive the usage that caused it.
-        (One oversized write into a half-empty pool would otherwise block every later write
-        until something was freed.) Re-evaluating lets it fall back to pressure or ok."""
-        if self.watermarks.state is State.FULL:
-            self.watermarks.update(self.pool.used_bytes)
-
-    def _refuse(self) -> None:
-        """Write control says no: the gate if it is closed, else the watermark state."""
-        state = self.watermarks.state
-        if self.no_alloc:
-            self._reject(REJECT_GATE, "write control: the allocation gate (no_alloc) is closed")
-        reason = REJECT_FULL if state is State.FULL else REJECT_WATERMARK
-        self._reject(reason, f"write control: device in {state.value}")
-
-    def _reject(self, reason: str, message: str) -> None:
-        self.counters.rejected[reason] += 1
-        self.counters.failed_writes += 1
-        raise WriteRejected(reason, message)
 
     def _merge_partials(self, plan: WritePlan) -> tuple[int, list[Encoded], list[Mend]]:
         """The request's pages, all whole: a partial page is merged with what the page holds
@@ -477,86 +538,6 @@ class CompressedDevice:
             placed.append(handle)
         return placed
 
-    def _place_fused(self, first: int, encoded: list[Encoded]) -> None:
-        """Phase 1 and phase 2 in one pass over the pages, for a write that nothing can
-        refuse and that is certain to fit (commit_write checks both: the state is ok, the gate
-        open, no backing file, and the pool has a frame per page plus a fresh block per size
-        class free). Each page gets its new object and then gives up its old one, as zram does
-        page by page; the books end exactly as _place_all + _apply leave them."""
-        table, pool, counters = self.table, self.pool, self.counters
-        class_of, store, write, slot_size = pool.class_of, pool.store, pool.write, pool.slot_size
-        forget = self._forget
-        same_kind, huge_kind = enc.SAME, enc.HUGE
-        compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
-        shift, mask = pt.STATE_SHIFT, table.chunk_mask
-        same_meta = pt.SAME << shift
-        defer_zero = bool(self.zero_flush_interval)
-        marked = bool(self.poisoned or self.lost)
-        chunk = table.writable(first)
-        meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
-        stored = same = huge = compr = notify = huge_since = poor = 0
-        index = first
-        for item in encoded:
-            if marked:
-                self.poisoned.discard(index)
-                self.lost.discard(index)
-            slot = index & mask
-            if not slot:
-                chunk = table.writable(index)
-                meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
-            m = meta[slot]
-            if item.kind == same_kind:
-                fill = item.fill
-                if fill == 0:  # a release (our discard): the entry stays empty
-                    if m:
-                        forget(index, free=not defer_zero, defer=defer_zero)
-                        notify += 1
-                else:
-                    if m:
-                        forget(index, free=True)
-                    meta[slot] = same_meta
-                    loc[slot] = fill
-                    same += 1
-                    stored += 1
-                index += 1
-                continue
-            payload = item.payload
-            length = len(payload)
-            cls = class_of(length)
-            state = m >> shift
-            if state in (compressed_state, huge_state):
-                handle = loc[slot]
-                if slot_size(handle) == cls.size:
-                    forget(index, free=False)
-                    write(handle, payload)
-                else:
-                    handle = store(cls, index, payload)
-                    forget(index, free=True)
-            else:
-                if m:
-                    forget(index, free=True)
-                handle = store(cls, index, payload)
-            if item.kind == huge_kind:
-                meta[slot] = (huge_state << shift) | length
-                huge += 1
-                huge_since += 1
-                poor += item.poor
-            else:
-                meta[slot] = (compressed_state << shift) | length
-            loc[slot] = handle
-            if referenced is not None:
-                referenced[slot] = 1
-            compr += length
-            stored += 1
-            index += 1
-        self.pages_stored += stored
-        self.same_pages += same
-        self.huge_pages += huge
-        self.compr_data_size += compr
-        counters.notify_free += notify
-        counters.huge_pages_since += huge_since
-        counters.reject_compress_poor += poor
-
     def _pool_accepts(self, item: Encoded) -> bool:
         """May this page go to the pool? (zswap's limit and hysteresis live here.)"""
         return True
@@ -579,107 +560,60 @@ class CompressedDevice:
 
     def _apply(self, first: int, encoded: list[Encoded], placed: list[int],
                result: WriteResult) -> None:
-        """Phase 2: point the table at the new objects and free the old ones."""
+        """Phase 2: point the table at the new objects and free the old ones, through the
+        books' install/forget pair."""
         table, pool, pending, counters = self.table, self.pool, self._pending, self.counters
-        shift, mask = pt.STATE_SHIFT, table.chunk_mask
-        chunk = table.writable(first)
+        books, faults = self.books, self.faults
+        install, forget = books.install, books.forget
+        mask = table.chunk_mask
+        # Read through the chunk as it was when the request began: a store below may
+        # allocate the chunk, but every page it did not hold yet reads as empty either way,
+        # and each page of the request is visited once.
+        chunk = table.view(first)
         for i, item in enumerate(encoded):
             index = first + i
             slot = index & mask
             if not slot:
-                chunk = table.writable(index)
+                chunk = table.view(index)
             marker = placed[i]
             if marker == _FAILED:
                 result.lost_pages += 1
-                if self.failure_mode is FailureMode.DROP:
-                    counters.lost_writes += 1
-                    self.lost.add(index)
-                    continue
-                counters.poisoned_writes += 1
-                self._forget(index, free=True)
-                self.poisoned.add(index)
-                self.mending.pop(index, None)  # freshly poisoned: nothing is kept for it yet
+                if faults.fail_page(index):  # poisoned: its old contents are gone
+                    forget(index, free=True)
                 continue
             kind = item.kind
-            meta, loc = chunk.meta, chunk.loc
-            was_empty = meta[slot] == 0
+            was_empty = chunk.meta[slot] == 0
             if marker == _BACKING:
-                self._forget(index, free=True, keep_backing=True)
-                meta[slot] = (pt.BACKING << shift) | PAGE_SIZE
-                loc[slot] = 0
-                self.backing_pages += 1
-                self.pages_stored += 1
-                self.poisoned.discard(index)
-                self.lost.discard(index)
+                forget(index, free=True, keep_backing=True)
+                install(index, pt.BACKING, PAGE_SIZE, 0)
+                faults.mended(index)
                 continue
             if marker == _INPLACE:
-                handle = loc[slot]
-                self._forget(index, free=False)
+                handle = chunk.loc[slot]
+                forget(index, free=False)
                 pool.write(handle, item.payload)
             else:
                 handle = pending.pop(index, 0)
                 if not was_empty:
                     defer = bool(kind == enc.SAME and item.fill == 0
                                  and self.zero_flush_interval)
-                    self._forget(index, free=not defer, defer=defer)
-            if self.poisoned or self.lost:
-                self.poisoned.discard(index)
-                self.lost.discard(index)
+                    forget(index, free=not defer, defer=defer)
+            if faults.marked:
+                faults.mended(index)
             if kind == enc.SAME:
                 if item.fill == 0:
                     # A zero page is a release (our discard): the entry stays empty.
                     counters.notify_free += not was_empty
                     continue
-                meta[slot] = pt.SAME << shift
-                loc[slot] = item.fill
-                self.same_pages += 1
+                install(index, pt.SAME, 0, item.fill)
             else:
                 length = len(item.payload)
-                state = pt.COMPRESSED if kind == enc.COMPRESSED else pt.HUGE
-                meta[slot] = (state << shift) | length
-                loc[slot] = handle
-                if chunk.ref is not None:
-                    chunk.ref[slot] = 1
-                self.compr_data_size += length
+                install(index, pt.COMPRESSED if kind == enc.COMPRESSED else pt.HUGE, length,
+                        handle)
                 if kind == enc.HUGE:
-                    self.huge_pages += 1
                     counters.huge_pages_since += 1
                     if item.poor:
                         counters.reject_compress_poor += 1
-            self.pages_stored += 1
-
-    def _forget(self, index: int, free: bool, defer: bool = False,
-                keep_backing: bool = False) -> None:
-        """Drop a page's contents from the books; free its slot if ``free``, or park the slot
-        for the next zero flush if ``defer`` (the slot is reused in place otherwise). A page
-        leaving the backing file gets its block punched out, unless ``keep_backing`` (it was
-        just rewritten there)."""
-        table = self.table
-        chunk = table.view(index)
-        slot = index & table.chunk_mask
-        entry = chunk.meta[slot]
-        if not entry:
-            return
-        state = entry >> pt.STATE_SHIFT
-        self.pages_stored -= 1
-        if state == pt.SAME:
-            self.same_pages -= 1
-        elif state == pt.BACKING:
-            self.backing_pages -= 1
-            if not keep_backing and self.backing is not None:
-                self.backing.punch(index)
-        elif state in (pt.COMPRESSED, pt.HUGE):
-            self.compr_data_size -= entry & pt.LENGTH_MASK
-            if state == pt.HUGE:
-                self.huge_pages -= 1
-            handle = chunk.loc[slot]
-            if defer:
-                self.pool.set_owner(handle, RELEASED_OWNER)
-                self.releasing.add(handle)
-                self.releasing_bytes += self.pool.slot_size(handle)
-            elif free:
-                self.pool.free(handle)
-        table.clear(index)
 
     # -- discard --------------------------------------------------------------------------
     def discard(self, offset: int, length: int) -> int:
@@ -724,9 +658,7 @@ class CompressedDevice:
         """Zero part of each page in ``edges``, all or none (see ``discard``)."""
         todo = []
         for index, start, count in edges:
-            if index in self.poisoned:  # as a partial write: its other bytes are gone
-                self.counters.failed_writes += 1
-                raise PoisonedPage(index)
+            self.faults.check_partial_write(index)
             if self.table.entry(index) == 0:
                 continue  # nothing stored: it reads as zeros already
             page = bytearray(self._page_bytes(index))
@@ -744,7 +676,8 @@ class CompressedDevice:
                 if any(marker[0] == _FAILED for marker in placed):
                     self._undo(peak)
                     self.counters.pool_limit_hit += 1
-                    self._reject(REJECT_FULL, "pool full: zeroing part of a page does not fit")
+                    self.control.reject(REJECT_FULL,
+                                        "pool full: zeroing part of a page does not fit")
         except OSError as exc:
             self._undo(peak)
             self.counters.backing_write_errors += 1
@@ -764,7 +697,7 @@ class CompressedDevice:
         table = self.table
         defer = bool(self.zero_flush_interval)
         released = 0
-        forget = self._forget
+        forget = self.books.forget
         for number in table.chunk_numbers(first, stop):
             meta = table.chunks[number].meta
             base = number << table.chunk_shift
@@ -775,18 +708,13 @@ class CompressedDevice:
                 if meta[slot]:
                     forget(base + slot, free=not defer, defer=defer)
                     released += 1
-        if self.poisoned or self.lost:
-            for pages in (self.poisoned, self.lost):
-                for index in [i for i in pages if first <= i < stop]:
-                    pages.discard(index)
+        if self.faults.marked:
+            self.faults.mended_range(first, stop)
         return released
 
     def flush_releases(self) -> int:
         """The device's batched media zero: free every parked slot; returns pages freed."""
-        count = len(self.releasing)
-        while self.releasing:
-            self.pool.free(self.releasing.pop())
-        self.releasing_bytes = 0
+        count = self.books.flush_releases()
         if count:
             self._settle()
         return count
@@ -794,21 +722,15 @@ class CompressedDevice:
     # -- timing and faults ----------------------------------------------------------------
     def inject_fault(self, op: str) -> None:
         """Fail this request (before it touches data) if the error rate says so."""
-        if self.timing.should_fail(op):
-            self.counters.injected_errors[op] += 1
-            if op == "read":
-                self.counters.failed_reads += 1
-            else:
-                self.counters.failed_writes += 1
-            raise InjectedFault(f"injected {op} error")
+        self.faults.inject(op)
 
     def io_delay(self, op: str, nbytes: int) -> float:
-        return self.timing.delay(op, nbytes)
+        return self.faults.delay(op, nbytes)
 
     def _moved(self, owner: int, old: int, new: int) -> None:
+        """The pool moved an object (compaction): follow it wherever it is referenced."""
         if owner == RELEASED_OWNER:
-            self.releasing.discard(old)
-            self.releasing.add(new)
+            self.books.moved(old, new)
         elif self._pending.get(owner) == old:
             self._pending[owner] = new
         else:
@@ -831,10 +753,9 @@ class CompressedDevice:
             plan.buffer = buffer
             return plan
         pages = []
+        faults = self.faults
         for index in range(first, last + 1):
-            if index in self.poisoned:
-                self.counters.failed_reads += 1
-                raise PoisonedPage(index)
+            faults.check_read(index)
             pages.append(self._page_item(index))
             table.reference(index)
         self.counters.read_requests += 1
@@ -857,7 +778,8 @@ class CompressedDevice:
         table, pool = self.table, self.pool
         chunk = table.view(first)
         meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
-        poisoned = self.poisoned
+        faults = self.faults
+        poisoned = faults.poisoned
         shift, mask, chunk_mask = pt.STATE_SHIFT, pt.LENGTH_MASK, table.chunk_mask
         compressed_state, huge_state = pt.COMPRESSED, pt.HUGE
         reused = out is not None and len(out) == (stop - first) << PAGE_SHIFT
@@ -874,8 +796,7 @@ class CompressedDevice:
         at = 0
         for index in range(first, stop):
             if poisoned and index in poisoned:
-                self.counters.failed_reads += 1
-                raise PoisonedPage(index)
+                faults.check_read(index)
             slot = index & chunk_mask
             if not slot:
                 chunk = table.view(index)
@@ -953,9 +874,9 @@ class CompressedDevice:
         if offset < 0 or length <= 0 or offset + length > self.size \
                 or (offset + length - 1) >> PAGE_SHIFT != index:
             return self.decode(self.fetch(offset, length))
-        if self.poisoned and index in self.poisoned:
-            self.counters.failed_reads += 1
-            raise PoisonedPage(index)
+        poisoned = self.faults.poisoned
+        if poisoned and index in poisoned:
+            self.faults.check_read(index)
         table = self.table
         chunk = table.view(index)
         slot = index & table.chunk_mask
@@ -994,16 +915,13 @@ class CompressedDevice:
 
     # -- control ------------------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
-        self.policy = Policy(policy)
+        """Raises ValueError for a policy this device cannot have (zswap: only none)."""
+        self.control.set_policy(policy)
 
     def set_no_alloc(self, closed: bool) -> None:
         """Close (True) or open the allocation gate. A driver closes it on the high-threshold
         interrupt and opens it once it has made room; releases always pass."""
-        self.no_alloc = bool(closed)
-
-    def _state_changed(self, old: State, new: State) -> None:
-        if new is State.FULL and self.no_alloc_on_full:
-            self.no_alloc = True
+        self.control.set_no_alloc(closed)
 
     def set_watermarks(self, low: float | None = None, high: float | None = None) -> None:
         wm = self.watermarks
@@ -1024,16 +942,12 @@ class CompressedDevice:
         return self.pool.used_bytes
 
     def mm_stat(self) -> tuple[int, ...]:
-        """zram's mm_stat fields, same order."""
-        pool = self.pool
-        return (self.pages_stored << PAGE_SHIFT, self.compr_data_size, pool.used_bytes,
-                pool.capacity, pool.max_used_bytes, self.same_pages, pool.pages_compacted,
-                self.huge_pages, self.counters.huge_pages_since)
+        """zram's mm_stat fields, same order (stats.MM_STAT_FIELDS)."""
+        return self.stats.mm_stat(self.books, self.pool)
 
     def io_stat(self) -> tuple[int, ...]:
-        """zram's io_stat fields, same order."""
-        c = self.counters
-        return (c.failed_reads, c.failed_writes, c.invalid_io, c.notify_free)
+        """zram's io_stat fields, same order (stats.IO_STAT_FIELDS)."""
+        return self.stats.io_stat()
 
     def compression_ratio(self) -> float:
         """Compressed bytes per original byte (0..1; lower is better), pool-stored pages only."""
@@ -1086,25 +1000,7 @@ class CompressedDevice:
 
     def recount(self) -> dict[str, int]:
         """Recompute the gauges from the page table (slow; for tests and audits)."""
-        table = self.table
-        counts = {"pages_stored": 0, "same_pages": 0, "huge_pages": 0, "compr_data_size": 0,
-                  "backing_pages": 0}
-        handles = {}
-        for index in table.stored_indices():
-            state = table.state(index)
-            counts["pages_stored"] += 1
-            if state == pt.SAME:
-                counts["same_pages"] += 1
-            elif state == pt.BACKING:
-                counts["backing_pages"] += 1
-            elif state in (pt.COMPRESSED, pt.HUGE):
-                counts["compr_data_size"] += table.length(index)
-                counts["huge_pages"] += state == pt.HUGE
-                handles[table.location(index)] = index
-        table.check()
-        handles.update(dict.fromkeys(self.releasing, RELEASED_OWNER))
-        assert handles == self.pool.live_objects(), "pool objects differ from the page table"
-        return counts
+        return self.books.recount()
 
     def close(self) -> None:
         self.pool.close()

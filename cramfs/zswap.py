@@ -21,7 +21,6 @@ from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
 from cramfs.codec import Encoded
 from cramfs.device import CompressedDevice, DeviceConfig
-from cramfs.watermarks import Policy
 
 DEFAULT_MAX_POOL_PERCENT = 20
 DEFAULT_ACCEPT_THRESHOLD_PERCENT = 90
@@ -36,13 +35,13 @@ def validate_percents(max_pool: int, accept: int) -> None:
 
 class ZswapDevice(CompressedDevice):
     TRACKS_REFERENCES = True  # the shrinker's CLOCK reads a referenced bit per stored page
+    REFUSES_WRITES = False  # the backing file takes what the pool does not
 
     def __init__(self, config: DeviceConfig, backing_file: Path | str,
                  max_pool_percent: int = DEFAULT_MAX_POOL_PERCENT,
                  accept_threshold_percent: int = DEFAULT_ACCEPT_THRESHOLD_PERCENT) -> None:
         validate_percents(max_pool_percent, accept_threshold_percent)
         super().__init__(config)
-        self.policy = Policy.NONE
         try:
             self.backing = BackingStore(backing_file, config.size)
         except OSError:
@@ -53,15 +52,6 @@ class ZswapDevice(CompressedDevice):
         self.accept_threshold_percent = accept_threshold_percent
         self.limit_reached = False  # zswap_pool_reached_full
         self._hand = 0
-
-    def set_policy(self, policy: Policy) -> None:
-        """zswap never refuses a write (the backing file takes what the pool does not)."""
-        if Policy(policy) is not Policy.NONE:
-            raise ValueError("a zswap device never refuses a write: its policy stays 'none'")
-
-    def set_no_alloc(self, closed: bool) -> None:
-        if closed:
-            raise ValueError("a zswap device never refuses a write: it has no allocation gate")
 
     # -- the limit and its hysteresis ------------------------------------------------------
     @property
@@ -160,28 +150,13 @@ class ZswapDevice(CompressedDevice):
         except OSError:
             counters.reject_reclaim_fail += 1
             return False
-        pool.free(handle)
-        self.compr_data_size -= length
-        if state == pt.HUGE:
-            self.huge_pages -= 1
-        table.set(index, pt.BACKING, PAGE_SIZE, 0)
-        self.backing_pages += 1
+        books = self.books
+        books.forget(index, free=True)
+        books.install(index, pt.BACKING, PAGE_SIZE, 0)
         counters.written_back_pages += 1
         return True
 
     # -- zswap's debugfs view --------------------------------------------------------------
     def debugfs(self) -> dict[str, int]:
-        counters = self.counters
-        return {
-            "pool_limit_hit": counters.pool_limit_hit,
-            "reject_reclaim_fail": counters.reject_reclaim_fail,
-            "reject_alloc_fail": counters.reject_alloc_fail,
-            "reject_kmemcache_fail": 0,
-            "reject_compress_fail": counters.reject_compress_fail,
-            "reject_compress_poor": counters.reject_compress_poor,
-            "decompress_fail": counters.decompress_fail,
-            "written_back_pages": counters.written_back_pages,
-            "pool_total_size": self.pool.used_bytes,
-            "stored_pages": self.pages_stored - self.backing_pages,
-            "stored_incompressible_pages": self.huge_pages,
-        }
+        """zswap's debugfs files, in the kernel's order (stats.ZSWAP_DEBUGFS_FIELDS)."""
+        return self.stats.zswap_debugfs(self.books, self.pool)

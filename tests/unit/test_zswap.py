@@ -294,7 +294,8 @@ def test_writeback_second_chance(tmp_path):
 
 
 def test_writeback_stops_at_accept_threshold_and_max_pages(tmp_path):
-    dev = make(tmp_path, pages=256, pool_pages=64, max_pool=100, accept=50)
+    # the 60 pages take ~27 of the 64 frames: above the accept threshold (30%: 19 frames)
+    dev = make(tmp_path, pages=256, pool_pages=64, max_pool=100, accept=30)
     try:
         pages = fill_pool(dev, 60)
         assert dev.needs_writeback()
