@@ -11,6 +11,7 @@ and ``decode`` (decompress, any thread).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -106,6 +107,76 @@ class ReadPlan:
 
 
 Mend = tuple[int, bytes | None, bytes | None]  # page, bytes so far, coverage (None: done)
+
+# Requests from this size up compress (writes) or decompress (reads) on a worker thread; a
+# smaller one (a swap page) is served whole on the caller's thread, where the hand-off would
+# cost more than the work.
+OFFLOAD_MIN_BYTES = 64 * 1024
+
+
+class WriteJob:
+    """A write request as the device serves it: the caller runs ``offload`` (when not None:
+    pure compression, safe on any thread) off its own thread, then ``finish`` on it (the
+    commit). Anything refused is raised by ``submit_write`` or ``finish``. ``delay`` is how
+    long to hold the reply afterwards (throttle, emulated latency and bandwidth)."""
+
+    __slots__ = ("device", "offset", "data", "shaped", "plan", "result", "offload")
+
+    def __init__(self, device: CompressedDevice, offset: int, data: bytes | memoryview,
+                 shaped: bool) -> None:
+        self.device = device
+        self.offset = offset
+        self.data = data
+        self.shaped = shaped
+        self.plan: WritePlan | None = None
+        self.result: WriteResult | None = None
+        self.offload: Callable[[], None] | None = None
+
+    def compress(self) -> None:
+        self.plan = self.device._prepare(self.offset, self.data)
+
+    def finish(self) -> WriteResult:
+        if self.result is None:
+            assert self.plan is not None, "finish before the offloaded step ran"
+            self.result = self.device.commit_write(self.plan)
+        return self.result
+
+    def delay(self) -> float:
+        assert self.result is not None
+        extra = self.device.io_delay("write", len(self.data)) if self.shaped else 0.0
+        return self.result.delay + extra
+
+
+class ReadJob:
+    """A read request as the device serves it: ``offload`` (when not None: decompression,
+    safe on any thread) off the caller's thread, then ``finish`` for the bytes. ``reply`` is
+    the buffer the bytes may live in (a reused one the caller handed in), to be given back
+    once they are sent."""
+
+    __slots__ = ("device", "length", "shaped", "plan", "data", "offload")
+
+    def __init__(self, device: CompressedDevice, length: int, shaped: bool) -> None:
+        self.device = device
+        self.length = length
+        self.shaped = shaped
+        self.plan: ReadPlan | None = None
+        self.data: bytes | None = None
+        self.offload: Callable[[], None] | None = None
+
+    def decompress(self) -> None:
+        assert self.plan is not None
+        self.data = self.device.decode(self.plan)
+
+    def finish(self) -> bytes:
+        assert self.data is not None, "finish before the offloaded step ran"
+        return self.data
+
+    @property
+    def reply(self) -> bytearray | None:
+        return self.plan.out if self.plan is not None else None
+
+    def delay(self) -> float:
+        return self.device.io_delay("read", self.length) if self.shaped else 0.0
 
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
@@ -267,6 +338,42 @@ class CompressedDevice:
             raise OutOfRange(
                 f"I/O of {length} bytes at offset {offset} is outside the device"
                 f" ({self.size} bytes)")
+
+    # -- requests: what an adapter (daemon/fs.py) calls -----------------------------------
+    def submit_write(self, offset: int, data: bytes | memoryview) -> WriteJob:
+        """Start a write request: the range checked (EFBIG before any injected error), an
+        injected error drawn, and either the whole write done here (a small one) or the
+        prechecks run and the compression left to ``job.offload``."""
+        self.check_range(offset, len(data))
+        shaped = self.faults.timing.active
+        if shaped:
+            self.faults.inject("write")
+        job = WriteJob(self, offset, data, shaped)
+        if len(data) < OFFLOAD_MIN_BYTES:
+            job.result = self.write(offset, data)
+        else:
+            self.precheck_write(offset, data)
+            job.offload = job.compress
+        return job
+
+    def submit_read(self, offset: int, length: int,
+                    buffers: Callable[[int], bytearray | None] | None = None) -> ReadJob:
+        """Start a read request: an injected error drawn, then either the whole read done
+        here (a small one: a swap-in page) or the pages copied out of the pool and their
+        decompression left to ``job.offload``. ``buffers(size)`` may hand in a reply buffer
+        of that size to decode into (see ``fetch``)."""
+        shaped = self.faults.timing.active
+        if shaped:
+            self.faults.inject("read")
+        job = ReadJob(self, length, shaped)
+        if length < OFFLOAD_MIN_BYTES:
+            job.data = self.read(offset, length)
+        else:
+            self.check_range(offset, length)
+            out = buffers(self.reply_size(offset, length)) if buffers is not None else None
+            job.plan = self._fetch(offset, length, out, buffer=True)
+            job.offload = job.decompress
+        return job
 
     # -- writes -------------------------------------------------------------------------
     def prepare_write(self, offset: int, data: bytes | memoryview) -> WritePlan:
@@ -745,6 +852,10 @@ class CompressedDevice:
         a page fault per page); its old contents do not matter. ``buffer``: decode may
         return that buffer (the plan's ``out``) or a view of it instead of bytes."""
         self.check_range(offset, length)
+        return self._fetch(offset, length, out, buffer)
+
+    def _fetch(self, offset: int, length: int, out: bytearray | None = None,
+               buffer: bool = False) -> ReadPlan:
         table = self.table
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from cramfs import PAGE_SIZE
+from cramfs.device import OFFLOAD_MIN_BYTES
 from cramfs.errors import (
     BackingError,
     DeviceError,
@@ -42,9 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cramfs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
-# Requests at least this large are (de)compressed on a worker thread; smaller ones inline,
-# where the hand-off would cost more than the work.
-THREAD_MIN_BYTES = 64 * 1024
+# Which part of a request runs on a worker thread is the device's to say (its jobs'
+# ``offload``); this is its threshold, under the name readers of this module know.
+THREAD_MIN_BYTES = OFFLOAD_MIN_BYTES
 REPLY_BUFFER_BYTES = 4 << 20  # reply buffers kept for reuse by large reads (see _give_back)
 ATTR_SIZE = 4096
 WARN_INTERVAL = 10.0  # seconds between summaries of a repeated warning
@@ -306,45 +307,36 @@ class CramOperations(pyfuse3.Operations):
             return self._read_attribute(handle, off, size)
         device = node.entry.device
         started = time.perf_counter()
-        size = max(0, min(size, device.size - off))
+        size = max(0, min(size, device.size - off))  # a file's read stops at its end
         if off < 0:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if size == 0:
             return b""
-        shaped = device.timing.active  # latency, bandwidth or errors configured
         entry = node.entry
         try:
             try:
-                if shaped:
-                    device.inject_fault("read")
-                if size < THREAD_MIN_BYTES:
-                    data = device.read(off, size)  # a swap-in page: kept short (device.read)
-                    plan = reply = None
-                else:
-                    reply = self._reply_buffer(device.reply_size(off, size))
-                    plan = device.fetch(off, size, reply, buffer=True)
+                job = device.submit_read(off, size, self._reply_buffer)
             except DeviceError as exc:
                 if entry.trace is not None:
                     recording.request(entry, "read", off, size, exc)
                 raise
             if entry.trace is not None:  # in the device's order: before any await
                 recording.request(entry, "read", off, size, None)
-            if plan is not None:
-                data = await trio.to_thread.run_sync(device.decode, plan, limiter=self.limiter)
-                if plan.out is not None:
-                    reply = plan.out  # given back below, once nothing can await any more
+            if job.offload is not None:
+                await trio.to_thread.run_sync(job.offload, limiter=self.limiter)
+            data = job.finish()
         except PoisonedPage as exc:
             log.warning("%s: read of poisoned page %d", node.entry.name, exc.page)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except InjectedFault:
             raise pyfuse3.FUSEError(errno.EIO) from None
-        if shaped:
-            delay = device.io_delay("read", size)
-            if delay > 0:
-                await trio.sleep(delay)
+        delay = job.delay()
+        if delay > 0:
+            await trio.sleep(delay)
         self.observe(node.entry.name, "read", time.perf_counter() - started)
-        if plan is not None and reply is not None:
-            self._give_back(reply)
+        reply = job.reply
+        if reply is not None:
+            self._give_back(reply)  # once nothing can await any more
         return data
 
     def _reply_buffer(self, size: int) -> bytearray | None:
@@ -377,22 +369,13 @@ class CramOperations(pyfuse3.Operations):
         device = node.entry.device
         name = node.entry.name
         started = time.perf_counter()
-        shaped = device.timing.active
-        large = len(buf) >= THREAD_MIN_BYTES
         entry = node.entry
         try:
             try:
-                if shaped or large:  # out of range is EFBIG before any injected error
-                    device.check_range(off, len(buf))
-                if shaped:
-                    device.inject_fault("write")
-                if not large:
-                    result = device.write(off, buf)  # a swap-out page: kept short
-                else:
-                    device.precheck_write(off, buf)
-                    plan = await trio.to_thread.run_sync(device.prepare_write, off, buf,
-                                                         limiter=self.limiter)
-                    result = device.commit_write(plan)
+                job = device.submit_write(off, buf)
+                if job.offload is not None:
+                    await trio.to_thread.run_sync(job.offload, limiter=self.limiter)
+                result = job.finish()
             except DeviceError as exc:
                 if entry.trace is not None:
                     recording.request(entry, "write", off, buf, exc)
@@ -416,7 +399,7 @@ class CramOperations(pyfuse3.Operations):
             fate = "dropped" if device.failure_mode.value == "drop" else "poisoned"
             self._warn_limited(name, f"writes with pages {fate} past the real capacity",
                                f"{result.lost_pages} page(s) at offset {off}")
-        delay = result.delay + (device.io_delay("write", len(buf)) if shaped else 0.0)
+        delay = job.delay()
         if delay > 0:
             await trio.sleep(delay)
         self.observe(name, "write", time.perf_counter() - started)
