@@ -34,6 +34,7 @@ from cramfs.stats import REJECT_REASONS as REJECT_REASONS
 from cramfs.stats import REJECT_WATERMARK as REJECT_WATERMARK
 from cramfs.stats import Counters as Counters
 from cramfs.stats import Stats
+from cramfs.tiers import PoolTier
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, Watermarks
 from cramfs.zspool import MAX_FRAMES_PER_BLOCK, PoolExhausted, ZsPool
@@ -180,7 +181,7 @@ class ReadJob:
 
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
-_BACKING = -3  # phase-1 marker: written to the backing file (zswap)
+_BACKING = -3  # phase-1 marker: the tier spilled it (zswap's backing file)
 
 
 class CompressedDevice:
@@ -209,6 +210,8 @@ class CompressedDevice:
         self.control = WriteControl(self.stats, self.watermarks, config.policy,
                                     config.throttle_max_delay, config.no_alloc_on_full,
                                     refuses=self.REFUSES_WRITES)
+        # Where pages go: the pool only; zswap plugs in the pool + backing file tier.
+        self.tier: PoolTier = PoolTier()
         self._pending: dict[int, int] = {}
         # Seconds a released page keeps its slot before the batched media zero (0: none).
         self.zero_flush_interval = config.zero_flush_interval
@@ -444,12 +447,13 @@ class CompressedDevice:
     def _write_page(self, index: int, page: bytes) -> WriteResult:
         """``commit_write(prepare_write(...))`` for one whole page with the state ok, so with
         no write control and nothing for check_range or precheck_write to refuse. The page is
-        encoded once; on a device without a backing file whose page fits, phase 1
+        encoded once; on a device whose tier has nowhere else to put it and whose page fits,
+        phase 1
         (_place_all) and phase 2 (_apply) run directly, without commit_write's per-request
         steps. A page that does not fit goes through commit_write (compaction, retry, the
         failure policy) already encoded; phase 1 left nothing behind for it to undo."""
         item = self.codec.encode_page(page)
-        if self.backing is None:
+        if not self.tier.spills:
             placed = self._place_all(index, [item])
             if placed[0] != _FAILED:
                 result = WriteResult()
@@ -474,7 +478,7 @@ class CompressedDevice:
         control, pool = self.control, self.pool
         control.recheck_full(pool.used_bytes)
         result.delay = control.admit(lambda: self._grows(first, encoded), pool.used_bytes)
-        if control.idle and self.backing is None and self._certainly_fits(len(encoded)):
+        if control.idle and not self.tier.spills and self._certainly_fits(len(encoded)):
             # Nothing can refuse this write and every page is certain to fit: one pass.
             faults = self.faults
             if faults.marked:
@@ -607,7 +611,8 @@ class CompressedDevice:
         class_of, slot_size, alloc_in, write = (pool.class_of, pool.slot_size, pool.alloc_in,
                                                 pool.write)
         same, shift, mask = enc.SAME, pt.STATE_SHIFT, table.chunk_mask
-        backing = self.backing
+        tier = self.tier
+        spills = tier.spills
         chunk = table.view(first)
         placed = []
         for i, item in enumerate(encoded):
@@ -623,8 +628,8 @@ class CompressedDevice:
             state = chunk.meta[slot] >> shift
             old_size = slot_size(chunk.loc[slot]) if state == pt.COMPRESSED \
                 or state == pt.HUGE else 0
-            if backing is not None and not self._pool_accepts(item):
-                self._write_backing(index, item)
+            if spills and not tier.admits(item):
+                tier.spill(index, item)
                 placed.append(_BACKING)
                 continue
             if old_size == cls.size:
@@ -633,9 +638,9 @@ class CompressedDevice:
             try:
                 handle = alloc_in(cls, index)
             except PoolExhausted:
-                if backing is not None:
+                if spills:
                     self.counters.reject_alloc_fail += 1
-                    self._write_backing(index, item)
+                    tier.spill(index, item)
                     placed.append(_BACKING)
                     continue
                 placed.append(_INPLACE if old_size >= len(payload) else _FAILED)
@@ -644,19 +649,6 @@ class CompressedDevice:
             pending[index] = handle
             placed.append(handle)
         return placed
-
-    def _pool_accepts(self, item: Encoded) -> bool:
-        """May this page go to the pool? (zswap's limit and hysteresis live here.)"""
-        return True
-
-    def _write_backing(self, index: int, item: Encoded) -> None:
-        assert self.backing is not None
-        # From encode_batch the payload is a buffer (a memoryview slice, a zstd BufferSegment),
-        # not bytes: zstd's decompress and os.pwrite take any buffer, though Codec.decompress
-        # and BackingStore.write say bytes (other compressors' payloads are always bytes).
-        payload = cast("bytes", item.payload)
-        raw = payload if item.kind == enc.HUGE else self.codec.decompress(payload)
-        self.backing.write(index, raw)
 
     def _undo(self, peak: int) -> None:
         pending = self._pending
@@ -1017,8 +1009,7 @@ class CompressedDevice:
         if state == pt.SAME:
             return state, table.location(index)
         if state == pt.BACKING:
-            assert self.backing is not None
-            return pt.HUGE, self.backing.read(index)  # stored raw, like a huge page
+            return pt.HUGE, self.tier.read_spilled(index)  # stored raw, like a huge page
         return pt.EMPTY, None
 
     def _page_bytes(self, index: int) -> bytes:
