@@ -93,7 +93,7 @@ MM_STAT_FIELDS = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_li
                   "huge_pages_since")
 IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
 TIMING_KEYS = ("cpu_seconds", "cpu_seconds_per_gib", "wall_seconds", "pages_per_second",
-               "pass_variants")
+               "pass_variants", "initial_seconds")
 
 
 class ReplayError(Exception):
@@ -478,6 +478,7 @@ class _Replay:
         self.changed = 0  # requests whose outcome differs from the recorded one
         self.cpu = 0.0
         self.initial_pages = 0
+        self.initial_seconds = 0.0  # restoring the snapshot: not the trace's requests
         self.initial_refused = 0  # snapshot pages this variant's device would not take
         self.initial_done = False
         self.relative = False  # counters count from the trace's start, not the device's
@@ -492,7 +493,9 @@ class _Replay:
         if expects is None or self.codec is None:
             expects = [None] * len(records)
         if not self.initial_done:
+            began = time.perf_counter()
             records, expects = self._initial(records, expects)
+            self.initial_seconds += time.perf_counter() - began
         device, pool, codec = self.device, self.pool, self.codec
         write, read, discard = self._write, self._read, self._discard
         counts = self.counts
@@ -756,8 +759,9 @@ def replay_pass(path: str | os.PathLike[str], variants: list[Settings]) -> list[
     encoded once (ahead, with the first variant's codec), and each chunk goes to every
     variant's device in turn. Only for variants whose devices encode alike (check_settings'
     key): then the encodings are theirs too. Each result is what ``replay`` gives alone, but
-    for the timing keys, which are the pass's: its wall time, and the pages it put through
-    all its devices per second (``pass_variants`` of them)."""
+    for the timing keys, which are the pass's: its wall time, and the pages of the trace's
+    requests it put through all its devices (``pass_variants`` of them) per second of the
+    time not spent restoring the snapshot (``initial_seconds``)."""
     wall = time.perf_counter()
     variants = [dict(settings) for settings in variants]
     devices: list[CompressedDevice] = []
@@ -793,10 +797,14 @@ def replay_pass(path: str | os.PathLike[str], variants: list[Settings]) -> list[
             if ahead_codec is not None:
                 ahead_codec.close()
     seconds = time.perf_counter() - wall
+    # The rate of the trace's requests, as the live device's is: the time spent restoring a
+    # snapshot (pages the device held before the trace began) is left out.
+    requests_seconds = seconds - sum(run.initial_seconds for run in runs)
     for result, run in zip(results, runs, strict=True):
         moved = run.counts[-OP_WRITE] + run.counts[-OP_READ]
         result["wall_seconds"] = seconds
-        result["pages_per_second"] = (moved >> PAGE_SHIFT) * len(runs) / seconds
+        result["initial_seconds"] = run.initial_seconds
+        result["pages_per_second"] = (moved >> PAGE_SHIFT) * len(runs) / requests_seconds
         result["pass_variants"] = len(runs)
     return results
 
