@@ -26,7 +26,7 @@ from cramfs.books import Books
 from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
 from cramfs.control import WriteControl
 from cramfs.errors import BackingError, OutOfRange
-from cramfs.faults import Faults
+from cramfs.faults import Faults, Mend
 from cramfs.interrupts import InterruptConfig, InterruptLine
 from cramfs.stats import REJECT_FULL as REJECT_FULL
 from cramfs.stats import REJECT_GATE as REJECT_GATE
@@ -107,7 +107,6 @@ class ReadPlan:
     buffer: bool = False  # decode may return ``out`` (or a view of it) rather than bytes
 
 
-Mend = tuple[int, bytes | None, bytes | None]  # page, bytes so far, coverage (None: done)
 
 # Requests from this size up compress (writes) or decompress (reads) on a worker thread; a
 # smaller one (a swap page) is served whole on the caller's thread, where the hand-off would
@@ -554,6 +553,7 @@ class CompressedDevice:
             # a partial page is only ever first or last
             return first, cast("list[Encoded]", pages), []
         out = list(pages)
+        faults = self.faults
         mends: list[Mend] = []
         drop_first = drop_last = False
         for i in sorted({0, len(out) - 1}):
@@ -562,17 +562,13 @@ class CompressedDevice:
                 continue
             start, chunk = item
             index = first + i
-            if index in self.poisoned:
-                kept, kept_cover = self.mending.get(index, (bytes(PAGE_SIZE), bytes(PAGE_SIZE)))
-                data, covered = bytearray(kept), bytearray(kept_cover)
-                data[start:start + len(chunk)] = chunk
-                covered[start:start + len(chunk)] = b"\1" * len(chunk)
-                if covered.count(0):
-                    mends.append((index, bytes(data), bytes(covered)))
+            if index in faults.poisoned:
+                mend = faults.mend(index, start, chunk)
+                mends.append(mend)
+                if mend[1] is not None:  # still partial: kept aside, not placed
                     drop_first, drop_last = drop_first or i == 0, drop_last or i == len(out) - 1
                     continue
-                mends.append((index, None, None))  # complete: the page takes it whole
-                out[i] = self.codec.encode_pages(bytes(data))[0]
+                out[i] = self.codec.encode_pages(faults.mended_page(index, start, chunk))[0]
                 continue
             page = bytearray(self._page_bytes(index))
             page[start:start + len(chunk)] = chunk
@@ -585,11 +581,7 @@ class CompressedDevice:
         return first, cast("list[Encoded]", out), mends
 
     def _keep_mends(self, mends: list[Mend]) -> None:
-        for index, data, covered in mends:
-            if data is None or covered is None:
-                self.mending.pop(index, None)
-            else:
-                self.mending[index] = (data, covered)
+        self.faults.keep_mends(mends)
 
     def _grows(self, first: int, encoded: list[Encoded]) -> bool:
         """Does any page need a larger slot than it holds now (new pool space)?"""

@@ -10,10 +10,13 @@ the page's whole extent has been written, however the kernel split the write).
 
 from __future__ import annotations
 
+from cramfs import PAGE_SIZE
 from cramfs.errors import InjectedFault, PoisonedPage
 from cramfs.stats import Stats
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode
+
+Mend = tuple[int, bytes | None, bytes | None]  # page, bytes so far, coverage (None: done)
 
 
 class Faults:
@@ -83,6 +86,35 @@ class Faults:
         self.poisoned.add(index)
         self.mending.pop(index, None)  # freshly poisoned: nothing is kept for it yet
         return True
+
+    # -- mending a poisoned page -------------------------------------------------------------
+    def _merged(self, index: int, start: int, chunk: bytes) -> tuple[bytearray, bytearray]:
+        kept, kept_cover = self.mending.get(index, (bytes(PAGE_SIZE), bytes(PAGE_SIZE)))
+        data, covered = bytearray(kept), bytearray(kept_cover)
+        data[start:start + len(chunk)] = chunk
+        covered[start:start + len(chunk)] = b"\1" * len(chunk)
+        return data, covered
+
+    def mend(self, index: int, start: int, chunk: bytes) -> Mend:
+        """A partial write into poisoned page ``index``: its bytes so far and which are
+        written, to keep (``keep_mends``) once the request is in; (index, None, None) when
+        the page's whole extent is now written and the page can take it whole
+        (``mended_page``)."""
+        data, covered = self._merged(index, start, chunk)
+        if covered.count(0):
+            return index, bytes(data), bytes(covered)
+        return index, None, None
+
+    def mended_page(self, index: int, start: int, chunk: bytes) -> bytes:
+        """The whole page a completing partial write makes of what was kept for it."""
+        return bytes(self._merged(index, start, chunk)[0])
+
+    def keep_mends(self, mends: list[Mend]) -> None:
+        for index, data, covered in mends:
+            if data is None or covered is None:
+                self.mending.pop(index, None)
+            else:
+                self.mending[index] = (data, covered)
 
     @property
     def marked(self) -> bool:
