@@ -4,7 +4,8 @@
 
 Runs the daemon's large-request path on the device directly, the way daemon/fs.py calls it:
 writes ``precheck_write`` + ``prepare_write`` + ``commit_write`` per 1 MiB request, reads
-``fetch`` + ``decode``, and times each stage per MiB, alternating with zstd alone
+``fetch`` + ``decode``, and times each stage per MiB, then the one-page path a swap-out and
+swap-in take (``write``/``read`` of 4 KiB per call, per page), alternating with zstd alone
 (zstd_ceiling.py) on the same pages in every round; medians of the rounds. Every read is
 compared with what was written. ``--pages FILE`` reuses (or first saves) the gathered real
 pages so runs on different code see the same data.
@@ -29,6 +30,7 @@ from cramfs.device import CompressedDevice, DeviceConfig  # noqa: E402
 
 MiB = 1 << 20
 MB = 1e6
+PAGE = 4096
 
 
 def load_pages(mib: int, path: Path | None) -> bytes:
@@ -79,6 +81,19 @@ def one_round(data: bytes, compressor: str, level: int | None) -> dict[str, floa
                 raise SystemExit(f"read-back mismatch at offset {off}")
             start_all += clock() - checked  # the check is not the device's time
         t["read"] = clock() - start_all
+        # One page at a time (swap-out and swap-in): device.write / device.read per page,
+        # into the second quarter of the device, then read back in the same order.
+        base = len(data)
+        pages = [bytes(view[off:off + PAGE]) for off in range(0, len(data), PAGE)]
+        t0 = clock()
+        for i, page in enumerate(pages):
+            dev.write(base + i * PAGE, page)
+        t["write_4k"] = clock() - t0
+        t0 = clock()
+        got = [dev.read(base + i * PAGE, PAGE) for i in range(len(pages))]
+        t["read_4k"] = clock() - t0
+        if got != pages:
+            raise SystemExit("4 KiB read-back mismatch")
         t["pool_mib"] = dev.pool.used_bytes / MiB
     finally:
         dev.close()
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':<10} {'ms/MiB':>8}")
     for key in ("prepare", "commit", "write", "fetch", "decode", "read"):
         print(f"{key:<10} {1e3 * med(key):>8.3f}")
+    print(f"4 KiB pages, one call each: write {1e6 * med('write_4k') * PAGE / MiB:.2f} us, "
+          f"read {1e6 * med('read_4k') * PAGE / MiB:.2f} us per page")
     w, r = MiB / med("write") / MB, MiB / med("read") / MB
     print(f"device write {w:.0f} MB/s, read {r:.0f} MB/s, pool {med('pool_mib'):.2f} MiB")
     if ceil:
