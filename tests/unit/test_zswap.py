@@ -495,3 +495,25 @@ def test_writeback_sweeps_a_sparse_device(tmp_path):
         assert len(dev.table.chunks) == 4
     finally:
         dev.close()
+
+
+def test_write_control_stays_off_whoever_asks(tmp_path):
+    """The device refuses a policy that refuses writes itself: through set_policy, the
+    attribute, or the gate, and the pool limit then still sends pages to the backing file."""
+    from cramfs.watermarks import Policy
+
+    dev = make(tmp_path, pages=64, pool_pages=16, max_pool=50)
+    try:
+        for attempt in (lambda: dev.set_policy(Policy.REJECT),
+                        lambda: setattr(dev, "policy", Policy.THROTTLE),
+                        lambda: setattr(dev, "no_alloc", True)):
+            with pytest.raises(ValueError, match="never refuses"):
+                attempt()
+        assert dev.policy is Policy.NONE and not dev.no_alloc
+        pages = [random_page(i) for i in range(64)]
+        dev.write(0, b"".join(pages))  # far past the pool: nothing refused
+        assert dev.counters.failed_writes == 0 and dev.backing_pages > 0
+        assert dev.read(0, 64 * P) == b"".join(pages)
+        check(dev)
+    finally:
+        dev.close()
