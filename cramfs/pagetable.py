@@ -13,11 +13,11 @@ Per page in a chunk:
 
 Cost, measured by ``metadata_bytes`` (tests/bench/sparse_bench.py reports it per stored page):
 a full chunk is 10 B a page (11 B with reference bits) plus ~0.4 B of object and directory
-overhead: 10.4 B a page (11.5 B on zswap). Swap allocates in clusters of 512 pages (the kernel's SWAPFILE_CLUSTER) and writes
-large requests, so its pages arrive in runs that fill chunks. The worst case is one stored
-page per chunk: ~5.2 KiB for that page (5.8 KiB on zswap) (a random 4 KiB write every 2 MiB). The directory costs
-nothing until a chunk exists: its fixed cost (``fixed_bytes``) is one empty dict whatever the
-size.
+overhead: 10.4 B a page (11.5 B on zswap). Swap allocates in clusters of 512 pages (the
+kernel's SWAPFILE_CLUSTER) and writes large requests, so its pages arrive in runs that fill
+chunks. The worst case is one stored page per chunk: ~5.2 KiB for that page (5.8 KiB on
+zswap), a random 4 KiB write every 2 MiB. The directory costs nothing until a chunk exists:
+its fixed cost (``fixed_bytes``) is the empty directory whatever the size.
 
 Hot paths do not call a method per page: a request of up to ``CHUNK_PAGES`` pages spans at
 most two chunks, so callers fetch a chunk's arrays once (``view`` to read, where an absent
