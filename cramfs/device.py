@@ -352,7 +352,7 @@ class CompressedDevice:
             self.faults.inject("write")
         job = WriteJob(self, offset, data, shaped)
         if len(data) < OFFLOAD_MIN_BYTES:
-            job.result = self.write(offset, data)
+            job.result = self._write(offset, data)
         else:
             self.precheck_write(offset, data)
             job.offload = job.compress
@@ -440,6 +440,12 @@ class CompressedDevice:
                 and self.control.idle:
             return self._write_page(offset >> PAGE_SHIFT, bytes(data))
         self.check_range(offset, len(data))
+        return self._write(offset, data)
+
+    def _write(self, offset: int, data: bytes | memoryview) -> WriteResult:
+        """``write`` for a range already checked."""
+        if len(data) == PAGE_SIZE and not offset & (PAGE_SIZE - 1) and self.control.idle:
+            return self._write_page(offset >> PAGE_SHIFT, bytes(data))
         self.precheck_write(offset, data)
         return self.commit_write(self._prepare(offset, data))
 

@@ -432,10 +432,8 @@ async def test_unexpected_exception_becomes_eio(ops, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected by the test")
 
-    monkeypatch.setattr(device, "fetch", boom)
-    monkeypatch.setattr(device, "read", boom)
-    monkeypatch.setattr(device, "prepare_write", boom)
-    monkeypatch.setattr(device, "write", boom)
+    monkeypatch.setattr(device, "submit_read", boom)  # the adapter's way into the device
+    monkeypatch.setattr(device, "submit_write", boom)
     assert await errno_of(ops.read(fh, 0, P)) == errno.EIO
     assert await errno_of(ops.write(fh, 0, text(P, seed=1))) == errno.EIO
     monkeypatch.undo()
