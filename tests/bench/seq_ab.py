@@ -1,4 +1,4 @@
-"""1 MiB sequential through FUSE: cramfsd builds side by side with zstd alone (issue 16).
+"""1 MiB sequential through FUSE: cramfsd builds side by side with zstd alone.
 
     python tests/bench/seq_ab.py [--mib 64] [--rounds 5] [--old SRC] [--profile DIR]
                                  [--compressor NAME] [--pages FILE]

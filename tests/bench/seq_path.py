@@ -1,4 +1,4 @@
-"""cramfs's 1 MiB device path without FUSE, stage by stage, next to zstd alone (issue 16).
+"""cramfs's 1 MiB device path without FUSE, stage by stage, next to zstd alone.
 
     python tests/bench/seq_path.py [--mib 64] [--rounds 5] [--pages FILE] [--compressor NAME]
 
