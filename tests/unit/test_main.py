@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import trio
 
 from cramfs.interrupts import InterruptConfig
 from cramfs.timing import TimingConfig
@@ -525,3 +526,216 @@ def test_the_allocator_is_tuned_before_the_metrics_thread_starts(monkeypatch, tm
     monkeypatch.setattr(cramfsd.trio, "run", run)
     assert cramfsd.main(["--metrics-address", ""]) == 0
     assert order == ["prepare", "tune", "metrics", "flusher", "lock", "run"]
+
+
+# -- the mountpoint, the devices and the metrics: what exits 2 and what starts ---------------
+
+def test_prepare_mountpoint_refuses_a_relative_path():
+    with pytest.raises(cramfsd.UsageError, match="^mountpoint: mnt: must be an absolute path$"):
+        cramfsd.prepare_mountpoint(Path("mnt"), "mountpoint")
+
+
+def test_prepare_mountpoint_names_a_stat_error(monkeypatch, tmp_path):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "stat", refuse)
+    with pytest.raises(cramfsd.UsageError, match=r"^mountpoint: .*/mnt: .*: Permission denied$"):
+        cramfsd.prepare_mountpoint(tmp_path / "mnt", "mountpoint")
+
+
+def test_prepare_mountpoint_a_file_appearing_meanwhile_is_not_a_directory(monkeypatch,
+                                                                         tmp_path):
+    def exists(self, *args, **kwargs):
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(Path, "mkdir", exists)
+    with pytest.raises(cramfsd.UsageError, match="exists and is not a directory$"):
+        cramfsd.prepare_mountpoint(tmp_path / "mnt", "mountpoint")
+
+
+def test_a_backing_file_that_cannot_be_created_exits_2_naming_the_key(monkeypatch, tmp_path,
+                                                                     capsys):
+    monkeypatch.setattr(cramfsd.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    path = tmp_path / "cramfs.toml"
+    path.write_text(devices_toml(tmp_path / "missing" / "zswap0.img"))
+    assert cramfsd.main(["--config", str(path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cramfsd:")]
+    assert len(err) == 1 and err[0].startswith("cramfsd: device.zswap0.backing_file: "), err
+
+
+def test_a_trace_that_cannot_start_is_a_usage_error_naming_the_key(monkeypatch, tmp_path):
+    monkeypatch.setattr(cramfsd.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    path = tmp_path / "cramfs.toml"
+    path.write_text('metrics_address = ""\n' + SWAP + f'trace = "{tmp_path}/no/dir/t.trace"\n')
+    with pytest.raises(cramfsd.UsageError, match="^device.swap0.trace: "):
+        cramfsd.Daemon(cramfsd.build(cramfsd.parse_args(["--config", str(path)])))
+
+
+def test_a_trace_from_start_records_until_close(monkeypatch, tmp_path):
+    monkeypatch.setattr(cramfsd.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    path = tmp_path / "cramfs.toml"
+    path.write_text('metrics_address = ""\n' + SWAP + f'trace = "{tmp_path}/t.trace"\n')
+    daemon = cramfsd.Daemon(cramfsd.build(cramfsd.parse_args(["--config", str(path)])))
+    try:
+        assert daemon.entries[0].trace is not None
+    finally:
+        daemon.close()
+    assert daemon.entries[0].trace is None and (tmp_path / "t.trace").stat().st_size > 0
+
+
+def test_reload_plan_a_changed_trace_needs_the_trace_command():
+    old = cramfsd.configuration.parse(SWAP)
+    new = cramfsd.configuration.parse(SWAP + 'trace = "/var/tmp/t.trace"\n')
+    assert cramfsd.reload_plan(old, new) == (
+        [], ["device.swap0.trace (use cramfs trace start/stop)"])
+
+
+def test_start_metrics_serves_and_close_stops_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(cramfsd.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    off = cramfsd.Daemon(cramfsd.build(cramfsd.parse_args(["--metrics-address", ""])))
+    off.start_metrics()
+    assert off.metrics is None
+    off.close()
+    args = cramfsd.parse_args(["--metrics-address", "127.0.0.1:0"])
+    daemon = cramfsd.Daemon(cramfsd.build(args), args)
+    try:
+        daemon.start_metrics()
+        assert daemon.metrics is not None and daemon.metrics.address is not None
+        assert daemon.ops.observe == daemon.metrics.observe
+        host, port = daemon.metrics.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        assert b'cramfs_device_size_bytes{device="swap0"}' in reply
+    finally:
+        daemon.close()
+    assert daemon.metrics.address is None  # closed: the endpoint is gone
+
+
+@pytest.mark.parametrize("error, code", [(cramfsd.UsageError("mountpoint: busy"), 2),
+                                         (RuntimeError("fuse loop failed"), 1)])
+def test_main_exit_code_when_the_serving_loop_fails(monkeypatch, tmp_path, capsys, error, code):
+    monkeypatch.setattr(cramfsd.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(cramfsd.system, "set_io_flusher", lambda: None)
+    monkeypatch.setattr(cramfsd.system, "lock_memory", lambda: None)
+    closed: list[bool] = []
+    monkeypatch.setattr(cramfsd.Daemon, "close", lambda self: closed.append(True))
+
+    def run(fn):
+        raise error
+
+    monkeypatch.setattr(cramfsd.trio, "run", run)
+    argv = ["--mountpoint", str(tmp_path / "mnt"), "--metrics-address", ""]
+    assert cramfsd.main(argv) == code
+    assert closed == [True]
+    assert ("cramfsd: mountpoint: busy" in capsys.readouterr().err) is (code == 2)
+
+
+# -- the serving loop, with pyfuse3 and the signals stood in for --------------------------
+
+class FakeSignals:
+    """trio.open_signal_receiver's stand-in: delivers ``signums`` once the daemon is ready
+    and ``settled()`` says its background work has run."""
+
+    def __init__(self, ready: trio.Event, settled, signums: list[int]) -> None:
+        self.ready = ready
+        self.settled = settled
+        self.signums = signums
+
+    def __call__(self, *signums: int) -> FakeSignals:
+        assert set(signums) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        return self
+
+    def __enter__(self) -> FakeSignals:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __aiter__(self) -> FakeSignals:
+        return self
+
+    async def __anext__(self) -> int:
+        await self.ready.wait()
+        while not self.settled():
+            await trio.sleep(0.005)
+        if not self.signums:
+            await trio.sleep_forever()
+        return self.signums.pop(0)
+
+
+async def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(monkeypatch, tmp_path,
+                                                                caplog):
+    """run(): mount, announce READY once a stat through the mount answers, start each
+    device's background work, reload on SIGHUP, stop on SIGTERM, unmount."""
+    monkeypatch.chdir(tmp_path)  # run() changes to /
+    monkeypatch.setattr(cramfsd.configuration, "DEFAULT_PATH", tmp_path / "absent.toml")
+    mountpoint = tmp_path / "mnt"
+    (mountpoint / "swap0").mkdir(parents=True)
+    (mountpoint / "swap0" / "data").write_bytes(b"")  # what the mount would show
+    path = tmp_path / "cramfs.toml"
+    path.write_text(devices_toml(tmp_path / "zswap0.img", swap="zero_flush_interval = 0.01"))
+    args = cramfsd.parse_args(["--config", str(path), "--mountpoint", str(mountpoint)])
+    daemon = cramfsd.Daemon(cramfsd.build(args), args)
+    swap0 = daemon.entries[0].device
+    swap0.write(0, os.urandom(4096))
+    swap0.write(0, bytes(4096))  # released: its pool space waits for the zero flush
+    assert swap0.releasing_bytes > 0
+
+    notified: list[str] = []
+    calls: list[str] = []
+    ready, stopped = trio.Event(), trio.Event()
+    shrinking: list[str] = []
+
+    def notify(text: str) -> bool:
+        notified.append(text)
+        if text.startswith("READY=1\nSTATUS="):
+            ready.set()
+        return True
+
+    async def shrink(entry) -> None:
+        shrinking.append(entry.name)
+        await trio.sleep_forever()
+
+    async def serve(min_tasks: int, max_tasks: int) -> None:
+        calls.append(f"main {min_tasks} {max_tasks}")
+        await stopped.wait()
+
+    zswap_kind = cramfsd.kinds.REGISTRY["zswap"]
+    monkeypatch.setitem(cramfsd.kinds.REGISTRY, "zswap",
+                        cramfsd.kinds.Kind("zswap", zswap_kind.doc, zswap_kind.device_class,
+                                           zswap_kind.settings, zswap_kind.files, shrink))
+    monkeypatch.setattr(cramfsd.pyfuse3, "init",
+                        lambda ops, where, options: calls.append(f"init {where}"))
+    monkeypatch.setattr(cramfsd.pyfuse3, "main", serve)
+    monkeypatch.setattr(cramfsd.pyfuse3, "terminate", stopped.set)
+    monkeypatch.setattr(cramfsd.pyfuse3, "close",
+                        lambda unmount: calls.append(f"close unmount={unmount}"))
+    monkeypatch.setattr(cramfsd.system, "sd_notify", notify)
+    monkeypatch.setattr(cramfsd.system, "tune_fuse_connection",
+                        lambda dev, background: calls.append(f"tune {background}"))
+    monkeypatch.setattr(cramfsd, "discard_supported", lambda: False)
+    monkeypatch.setattr(cramfsd.trio, "open_signal_receiver",
+                        FakeSignals(ready, lambda: shrinking and not swap0.releasing_bytes,
+                                    [signal.SIGHUP, signal.SIGTERM]))
+    path.write_text(devices_toml(tmp_path / "zswap0.img", swap="zero_flush_interval = 0.01",
+                                 swap_marks="low = 0.3\nhigh = 0.4"))
+    try:
+        with caplog.at_level(logging.INFO, logger="cramfs"), trio.fail_after(10):
+            await daemon.run()
+    finally:
+        daemon.close()
+    assert calls == [f"init {mountpoint}", "main 4 64", f"tune {cramfsd.MAX_BACKGROUND}",
+                     "close unmount=True"]
+    assert notified[0] == "READY=1\nSTATUS=serving swap0, node0, zswap0"
+    assert notified[1].startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert notified[2:] == ["READY=1", "STOPPING=1"]
+    assert (swap0.watermarks.low, swap0.watermarks.high) == (0.3, 0.4)  # SIGHUP reloaded
+    assert daemon.stop_requested
+    assert shrinking == ["zswap0"]  # the zswap kind's background work, for zswap0 alone
+    assert swap0.releasing_bytes == 0  # the zero flusher ran
+    assert "discard" in caplog.text and f"unmounted {mountpoint}" in caplog.text
+    assert "mounted" in caplog.text and "zswap0 (zswap)" in caplog.text
