@@ -278,3 +278,183 @@ def test_main_swapon_explains_and_exits_1_without_force(mounted, commands, capsy
     (line,) = error_lines(capsys)
     assert "can wedge the host" in line
     assert cli.main(["--mountpoint", str(mounted), "swapon", "node0", "--force"]) == 0
+
+
+def test_swap_hazard_with_unreadable_sizes_judges_the_policy_alone(mounted):
+    make_device(mounted, "swap0", policy="reject")
+    (mounted / "swap0" / "disksize").write_text("garbage\n")
+    hazard = cli.swap_hazard(mounted / "swap0")
+    assert hazard is not None and "'reject'" in hazard and "smaller" not in hazard
+    (mounted / "swap0" / "write_policy").write_text("throttle\n")
+    assert cli.swap_hazard(mounted / "swap0") is None
+
+
+def test_swapon_detaches_the_loop_when_mkswap_fails(mounted, monkeypatch):
+    make_device(mounted, "swap0")
+    (mounted / "swap0" / "discard_support").write_text("0\n")
+
+    def run(*command: str) -> str:
+        if command[0] == "mkswap":
+            raise CliError("mkswap: failed")
+        return "/dev/loop9\n"
+
+    detached: list[list[str]] = []
+    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.setattr(cli.subprocess, "run",
+                        lambda command, **kwargs: detached.append(command))
+    with pytest.raises(CliError, match="mkswap: failed"):
+        cli.swapon(mounted, "swap0", None)
+    assert detached == [["losetup", "-d", "/dev/loop9"]]
+
+
+def test_swapoff_turns_off_active_swap_then_detaches(mounted, monkeypatch):
+    make_device(mounted, "swap0")
+    monkeypatch.setattr(cli, "loops_of", lambda data: ["/dev/loop8", "/dev/loop9"])
+    ran: list[tuple[str, ...]] = []
+    monkeypatch.setattr(cli, "_run", lambda *command: ran.append(command) or "")
+    real_read_text = cli.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == "/proc/swaps":  # only loop9 is swapped on
+            return "Filename Type Size Used Priority\n/dev/loop9 partition 1024 0 -2\n"
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.Path, "read_text", read_text)
+    assert cli.swapoff(mounted, "swap0") == ["/dev/loop8", "/dev/loop9"]
+    assert ran == [("losetup", "-d", "/dev/loop8"), ("swapoff", "/dev/loop9"),
+                   ("losetup", "-d", "/dev/loop9")]
+
+
+# -- trace --------------------------------------------------------------------------------
+
+def test_trace_start_and_stop_write_the_control_file(mounted, tmp_path, monkeypatch, capsys):
+    make_device(mounted, "swap0")
+    control = mounted / "swap0" / "trace"
+    control.write_text("off\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--mountpoint", str(mounted), "trace", "start", "swap0", "t.trace"]) == 0
+    assert control.read_text() == f"start {tmp_path / 't.trace'}"  # made absolute
+    assert capsys.readouterr().out == f"start {tmp_path / 't.trace'}\n"
+    assert cli.trace(mounted, "swap0", "stop", None) == "stop"
+    assert control.read_text() == "stop"
+
+
+def test_trace_refusals(mounted, tmp_path, monkeypatch):
+    make_device(mounted, "swap0")
+    with pytest.raises(CliError, match="cannot record traces"):
+        cli.trace(mounted, "swap0", "stop", None)
+    control = mounted / "swap0" / "trace"
+    control.write_text(f"recording {tmp_path}/a.trace\n")
+    with pytest.raises(CliError, match="is not a directory"):
+        cli.trace(mounted, "swap0", "start", tmp_path / "no" / "t.trace")
+    with pytest.raises(CliError, match="already recording .*cramfs trace stop swap0 first"):
+        cli.trace(mounted, "swap0", "start", tmp_path / "t.trace")
+    control.write_text("off\n")
+    real_write_text = cli.Path.write_text
+
+    def refuse(self, *args, **kwargs):
+        if self == control:
+            raise OSError(22, "Invalid argument")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.Path, "write_text", refuse)
+    with pytest.raises(CliError, match=r"the daemon refused 'stop' \(Invalid argument\)"):
+        cli.trace(mounted, "swap0", "stop", None)
+
+
+def test_main_trace_error_exits_1(mounted, capsys):
+    make_device(mounted, "swap0")
+    assert cli.main(["--mountpoint", str(mounted), "trace", "stop", "swap0"]) == 1
+    (line,) = error_lines(capsys)
+    assert "cannot record traces" in line
+
+
+# -- watch --------------------------------------------------------------------------------
+
+def test_watch_prints_a_line_per_wake_up(mounted, capsys):
+    make_device(mounted, "swap0", state="pressure", pressure=420)
+    cli.watch(mounted, "swap0", 2)  # a regular file polls readable at once
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.endswith("swap0 pressure pressure=420")
+                                   for line in lines)
+
+
+def test_main_interrupted_watch_exits_130(mounted, monkeypatch):
+    make_device(mounted, "swap0")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "watch", interrupted)
+    assert cli.main(["--mountpoint", str(mounted), "watch", "swap0"]) == 130
+
+
+# -- the subcommands of other modules -----------------------------------------------------
+
+@pytest.mark.parametrize("argv, module", [(["estimate", "--file", "/x"], "estimate_cli"),
+                                          (["replay", "/x.trace"], "replay_cli")])
+def test_main_hands_estimate_and_replay_to_their_modules(monkeypatch, argv, module):
+    seen: list[object] = []
+    monkeypatch.setattr(getattr(cli, module), "run", lambda args: seen.append(args) or 7)
+    assert cli.main(argv) == 7
+    assert len(seen) == 1 and seen[0].command == argv[0]
+
+
+# -- install-units / uninstall-units ------------------------------------------------------
+
+def test_install_and_uninstall_units_under_a_root(tmp_path, capsys):
+    root = tmp_path / "root"
+    assert cli.main(["install-units", "--root", str(root), "--bindir", "/opt/bin",
+                     "--no-link"]) == 0
+    printed = capsys.readouterr().out.split()
+    units = root / "etc/systemd/system"
+    config = root / "etc/cramfs/cramfs.toml"
+    assert printed == [str(units / "cramfs.service"), str(units / "cramfs-swap@.service"),
+                       str(config)]
+    service = (units / "cramfs.service").read_text()
+    assert "/opt/bin/cramfsd" in service and "/usr/local/bin/" not in service
+    assert configuration.load(config).devices  # the example config is a valid one
+    config.write_text(config.read_text() + "# mine\n")  # an edited config is kept
+    assert cli.install_units(root, cli.Path("/opt/bin"), False) == [
+        units / "cramfs.service", units / "cramfs-swap@.service"]
+    assert cli.main(["uninstall-units", "--root", str(root), "--bindir", "/opt/bin"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == [
+        f"removed {units / 'cramfs.service'}", f"removed {units / 'cramfs-swap@.service'}"]
+    assert not (units / "cramfs.service").exists() and config.exists()
+    config.write_text((cli._unit_sources() / "cramfs.toml").read_text())  # as shipped
+    assert cli.uninstall_units(root, cli.Path("/opt/bin")) == [config]
+
+
+def test_install_units_links_the_installed_binaries(tmp_path, monkeypatch):
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    for name in ("cramfsd", "cramfs"):
+        (bindir / name).write_text("#!/bin/sh\n")
+    monkeypatch.setattr(cli.sys, "argv", [str(bindir / "cramfs")])
+    root = tmp_path / "root"
+    target = root / "usr/local/bin"
+    target.mkdir(parents=True)
+    (target / "cramfs").symlink_to("/nowhere")  # a stale link is replaced
+    written = cli.install_units(root, cli.DEFAULT_BINDIR, True)
+    assert written[-2:] == [target / "cramfsd", target / "cramfs"]
+    assert (target / "cramfs").resolve() == bindir / "cramfs"
+    (target / "other").write_text("a real binary\n")
+    removed = cli.uninstall_units(root, cli.DEFAULT_BINDIR)
+    assert target / "cramfsd" in removed and target / "cramfs" in removed
+    assert (target / "other").exists()
+
+
+def test_install_units_outside_an_installation_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sys, "argv", [str(tmp_path / "cramfs")])  # no cramfsd beside it
+    assert cli.main(["install-units", "--root", str(tmp_path / "root")]) == 1
+    (line,) = error_lines(capsys)
+    assert "cramfsd not found: run the installed `cramfs`" in line
+
+
+def test_units_missing_from_the_tree(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "daemon" / "cli.py"))
+    with pytest.raises(CliError, match="unit files not found"):
+        cli._unit_sources()
+    assert cli.main(["install-units", "--root", str(tmp_path / "root")]) == 1
+    assert "unit files not found" in error_lines(capsys)[0]
+    assert cli.uninstall_units(tmp_path / "root", cli.DEFAULT_BINDIR) == []
