@@ -28,7 +28,7 @@ import mmap
 import os
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
 from cramfs.sparse import allocated_bytes, punch_hole
@@ -46,7 +46,8 @@ MERGE_TOLERANCE = 0.02  # a class joins the next larger one if that costs <= 2 %
 SLOT_BITS = 16
 SLOT_MASK = (1 << SLOT_BITS) - 1
 FREE_SLOT = 0xFFFFFFFF  # owner of a free slot
-NO_BLOCK = 0xFFFFFFFF  # end of a class's list of partial blocks
+NO_BLOCK = 0xFFFFFFFF  # end of a list of blocks (or of spare slot books)
+NO_FRAME = 0xFFFFFFFF  # end of the list of given-back frames
 NO_SLOT = 0xFFFF  # end of a block's list of free slots
 DEAD = 0xFFFF  # class of a block id not in use
 
@@ -83,40 +84,90 @@ def class_layout(largest_compressed: int = PAGE_SIZE) -> list[tuple[int, int]]:
     return layout[::-1]
 
 
+IntCode = Literal["H", "I"]  # the array typecodes of the books: 16- and 32-bit unsigned
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 lacks it
+
+
+class LazyArrays:
+    """Zeroed typed arrays laid out in one anonymous mapping, sized for the most the pool can
+    ever need. The kernel supplies a page when it is first touched, so only what is in use
+    costs memory (locked as it is touched, under mlockall's MCL_ONFAULT), and none of it sits
+    in the malloc heap, where an array reallocated as it grows ends up near the top and keeps
+    the heap from shrinking after a burst of traffic."""
+
+    def __init__(self) -> None:
+        self._specs: list[tuple[IntCode, int]] = []
+        self._views: list[memoryview[int]] = []
+        self._mapping: mmap.mmap | None = None
+
+    def want(self, typecode: IntCode, count: int) -> int:
+        """Ask for an array; returns its number for ``view`` once ``map`` has run."""
+        self._specs.append((typecode, count))
+        return len(self._specs) - 1
+
+    def map(self) -> list[memoryview[int]]:
+        offsets, total = [], 0
+        for typecode, count in self._specs:
+            offsets.append(total)
+            total += -(-count * array(typecode).itemsize // 8) * 8
+        self._mapping = mmap.mmap(-1, max(total, mmap.PAGESIZE),
+                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        whole = memoryview(self._mapping)
+        self._views = [whole[at:at + count * array(typecode).itemsize].cast(typecode)
+                       for at, (typecode, count) in zip(offsets, self._specs, strict=True)]
+        whole.release()
+        return self._views
+
+    def close(self) -> None:
+        for view in self._views:
+            view.release()
+        if self._mapping is not None:
+            self._mapping.close()
+
+
 class SizeClass:
     """One size class: its shape, its counts, and the per-slot books of all its blocks.
 
     A block of this class has a *base*: the offset of its slots in ``owners`` and
-    ``next_free`` (base = n * slots_per_block for the n-th block the class has made; a dropped
-    block's base is reused). Blocks with a free slot form a doubly linked list through the
-    pool's block arrays, headed by ``head``.
+    ``next_free`` (base = n * slots_per_block for the n-th block the class has made). A
+    dropped block's base is kept for reuse on a chain through ``owners[base]``, headed by
+    ``spare_base``. Blocks with a free slot form a doubly linked list through the pool's block
+    arrays, headed by ``head``.
     """
 
     __slots__ = ("index", "size", "frames_per_block", "slots_per_block", "free_slots",
-                 "used_slots", "head", "owners", "next_free", "spare_bases", "_pool",
-                 "_fresh_owners", "_fresh_free")
+                 "used_slots", "head", "owners", "next_free", "made", "spare_base",
+                 "_block_next", "_owners_at", "_next_free_at", "_fresh_owners", "_fresh_free")
 
-    def __init__(self, pool: ZsPool, index: int, size: int, frames_per_block: int) -> None:
+    def __init__(self, index: int, size: int, frames_per_block: int, total_frames: int,
+                 books: LazyArrays) -> None:
         self.index = index
         self.size = size
         self.frames_per_block = frames_per_block
-        self.slots_per_block = frames_per_block * FRAME // size
+        self.slots_per_block = slots = frames_per_block * FRAME // size
         self.free_slots = 0
         self.used_slots = 0
         self.head = NO_BLOCK  # first block with a free slot
-        self.owners = array("I")  # owner of each slot, FREE_SLOT where free
-        self.next_free = array("H")  # a free slot's successor in its block's free list
-        self.spare_bases = array("I")  # bases of dropped blocks, to reuse
-        self._pool = pool
-        slots = self.slots_per_block
+        most = total_frames // frames_per_block * slots  # every frame in this class
+        self._owners_at = books.want("I", most)  # owner of each slot, FREE_SLOT where free
+        self._next_free_at = books.want("H", most)  # a free slot's successor in its block
+        self.owners: memoryview[int]
+        self.next_free: memoryview[int]
+        self._block_next: memoryview[int]
+        self.made = 0  # slots of books handed out so far
+        self.spare_base = NO_BLOCK
         self._fresh_owners = array("I", [FREE_SLOT]) * slots
         self._fresh_free = array("H", range(1, slots + 1))
         self._fresh_free[-1] = NO_SLOT
 
+    def attach(self, views: list[memoryview[int]], block_next: memoryview[int]) -> None:
+        self.owners, self.next_free = views[self._owners_at], views[self._next_free_at]
+        self._block_next = block_next
+
     @property
     def partial(self) -> list[int]:
         """Ids of this class's blocks that have a free slot, allocation order first."""
-        out, block, after = [], self.head, self._pool._blocks.next
+        out, block, after = [], self.head, self._block_next
         while block != NO_BLOCK:
             out.append(block)
             block = after[block]
@@ -124,65 +175,80 @@ class SizeClass:
 
     def take_base(self) -> int:
         """Slot books for a new block: a dropped block's, or fresh ones at the end."""
-        if self.spare_bases:
-            base = self.spare_bases.pop()
-            self.owners[base:base + self.slots_per_block] = self._fresh_owners
+        slots = self.slots_per_block
+        base = self.spare_base
+        if base != NO_BLOCK:
+            self.spare_base = self.owners[base]
         else:
-            base = len(self.owners)
-            self.owners.extend(self._fresh_owners)
-            self.next_free.extend(self._fresh_free)
-        self.next_free[base:base + self.slots_per_block] = self._fresh_free
+            base = self.made
+            self.made += slots
+        self.owners[base:base + slots] = self._fresh_owners
+        self.next_free[base:base + slots] = self._fresh_free
         return base
 
+    def give_base(self, base: int) -> None:
+        """Keep the books of a dropped (empty) block for the next block of this class."""
+        self.owners[base] = self.spare_base
+        self.spare_base = base
 
-_NO_FRAMES = array("I", [0]) * MAX_FRAMES_PER_BLOCK
+    def spare_bases(self) -> list[int]:
+        out, base = [], self.spare_base
+        while base != NO_BLOCK:
+            out.append(base)
+            base = self.owners[base]
+        return out
 
 
 class BlockTable:
     """Per-block metadata as flat arrays indexed by block id, and the ids in use.
 
-    A block id names up to MAX_FRAMES_PER_BLOCK frames; there are never more blocks than
-    frames, so the arrays stop growing at the pool's frame count, and they grow only with the
-    number of blocks ever open at once.
+    There are never more blocks than frames, so the arrays are sized by the pool's frame
+    count; ids are handed out from 0 up, a dropped block's id first (a chain through ``next``
+    headed by ``spare``), so only as many entries are touched as blocks were ever open at once.
     """
 
-    __slots__ = ("cls", "used", "base", "free", "next", "prev", "frames", "spare_ids")
+    __slots__ = ("cls", "used", "base", "free", "next", "prev", "frames", "count", "spare",
+                 "_at")
 
-    def __init__(self) -> None:
-        self.cls = array("H")  # class index, DEAD for an id not in use
-        self.used = array("H")  # slots in use
-        self.base = array("I")  # offset of its slots in the class's owners / next_free
-        self.free = array("H")  # first free slot, NO_SLOT when full
-        self.next = array("I")  # links of its class's list of partial blocks
-        self.prev = array("I")
-        self.frames = array("I")  # frame numbers, MAX_FRAMES_PER_BLOCK per id
-        self.spare_ids = array("I")
+    def __init__(self, total_frames: int, books: LazyArrays) -> None:
+        shapes: list[tuple[IntCode, int]] = [("H", 1), ("H", 1), ("I", 1), ("H", 1), ("I", 1),
+                                             ("I", 1), ("I", MAX_FRAMES_PER_BLOCK)]
+        self._at = [books.want(code, total_frames * n) for code, n in shapes]
+        self.cls: memoryview[int]  # class index, DEAD for an id not in use
+        self.used: memoryview[int]  # slots in use
+        self.base: memoryview[int]  # offset of its slots in the class's owners / next_free
+        self.free: memoryview[int]  # first free slot, NO_SLOT when full
+        self.next: memoryview[int]  # links of its class's list of partial blocks
+        self.prev: memoryview[int]
+        self.frames: memoryview[int]  # frame numbers, MAX_FRAMES_PER_BLOCK per id
+        self.count = 0  # ids handed out so far
+        self.spare = NO_BLOCK  # first dropped id
+
+    def attach(self, views: list[memoryview[int]]) -> None:
+        (self.cls, self.used, self.base, self.free, self.next, self.prev,
+         self.frames) = (views[at] for at in self._at)
 
     def __len__(self) -> int:
-        return len(self.cls)
+        return self.count
 
     def take_id(self) -> int:
-        if self.spare_ids:
-            return self.spare_ids.pop()
-        block = len(self.cls)
-        self.cls.append(DEAD)
-        self.used.append(0)
-        self.base.append(0)
-        self.free.append(NO_SLOT)
-        self.next.append(NO_BLOCK)
-        self.prev.append(NO_BLOCK)
-        self.frames.extend(_NO_FRAMES)
-        return block
+        block = self.spare
+        if block != NO_BLOCK:
+            self.spare = self.next[block]
+            return block
+        self.count += 1
+        return self.count - 1
 
     def give_id(self, block: int) -> None:
         self.cls[block] = DEAD
         self.free[block] = NO_SLOT
-        self.spare_ids.append(block)
+        self.next[block] = self.spare
+        self.spare = block
 
     def live(self) -> Iterator[int]:
         """Ids of the blocks in use, in id order."""
         cls = self.cls
-        return (block for block in range(len(cls)) if cls[block] != DEAD)
+        return (block for block in range(self.count) if cls[block] != DEAD)
 
 
 class PoolExhausted(Exception):
@@ -219,21 +285,26 @@ class ZsPool:
         self._arena = mmap.mmap(self._fd, self.capacity, mmap.MAP_SHARED)
         self.release_errors = 0
         self._view = memoryview(self._arena)
-        self._free_frames = array("I")
-        self._next_frame = 0
+        self._next_frame = 0  # frames handed out so far
+        self._spare_frame = NO_FRAME  # first given-back frame (a chain through _frame_next)
         self.used_frames = 0
         self.max_used_frames = 0
         self.pages_compacted = 0
         self.compact_threshold = compact_threshold
         self.slack: set[SizeClass] = set()  # classes free() found worth compacting
-        self._blocks = BlockTable()
-        # The block arrays the per-object paths index, bound once (an array object stays the
-        # same object as it grows).
-        blocks = self._blocks
+        self._books = books = LazyArrays()
+        self._blocks = blocks = BlockTable(self.total_frames, books)
+        self.classes = [SizeClass(i, size, frames, self.total_frames, books)
+                        for i, (size, frames) in enumerate(class_layout(largest_compressed))]
+        frame_next = books.want("I", self.total_frames)
+        views = books.map()
+        blocks.attach(views)
+        for cls in self.classes:
+            cls.attach(views, blocks.next)
+        self._frame_next = views[frame_next]
+        # The block arrays the per-object paths index, bound once.
         self._block_class, self._block_used, self._block_base = blocks.cls, blocks.used, blocks.base
         self._block_free, self._block_frames_at = blocks.free, blocks.frames
-        self.classes = [SizeClass(self, i, size, frames)
-                        for i, (size, frames) in enumerate(class_layout(largest_compressed))]
         self._sizes = [cls.size for cls in self.classes]  # slot size by class index
         # Class index for every object length 0..PAGE_SIZE: one lookup per object.
         index, lengths = array("H"), range(PAGE_SIZE + 1)
@@ -300,13 +371,15 @@ class ZsPool:
             raise PoolExhausted(cls.size)
         blocks = self._blocks
         block = blocks.take_id()
-        at, frames, spare = block * MAX_FRAMES_PER_BLOCK, blocks.frames, self._free_frames
+        at, frames = block * MAX_FRAMES_PER_BLOCK, blocks.frames
         for i in range(count):
-            if spare:
-                frames[at + i] = spare.pop()
+            frame = self._spare_frame
+            if frame != NO_FRAME:
+                self._spare_frame = self._frame_next[frame]
             else:
-                frames[at + i] = self._next_frame
+                frame = self._next_frame
                 self._next_frame += 1
+            frames[at + i] = frame
         self.used_frames += count
         if self.used_frames > self.max_used_frames:
             self.max_used_frames = self.used_frames
@@ -323,14 +396,15 @@ class ZsPool:
         blocks = self._blocks
         self._unlink(cls, block)
         cls.free_slots -= cls.slots_per_block
-        cls.spare_bases.append(blocks.base[block])
+        cls.give_base(blocks.base[block])
         at = block * MAX_FRAMES_PER_BLOCK
         for frame in blocks.frames[at:at + cls.frames_per_block]:
             try:
                 punch_hole(self._fd, frame << PAGE_SHIFT, FRAME)
             except OSError:
                 self.release_errors += 1  # the frame stays resident; the books are still right
-            self._free_frames.append(frame)
+            self._frame_next[frame] = self._spare_frame
+            self._spare_frame = frame
         self.used_frames -= cls.frames_per_block
         blocks.give_id(block)
 
@@ -543,6 +617,7 @@ class ZsPool:
         frames_seen: list[int] = []
         counts = {cls.index: [0, 0] for cls in self.classes}
         bases: dict[int, list[int]] = {cls.index: [] for cls in self.classes}
+        partial = {block for cls in self.classes for block in cls.partial}
         for block in blocks.live():
             cls = self.classes[blocks.cls[block]]
             slots, at = cls.slots_per_block, blocks.base[block]
@@ -556,20 +631,23 @@ class ZsPool:
                 free.append(slot)
                 slot = cls.next_free[at + slot]
             assert sorted(free) == [s for s, o in enumerate(owners) if o == FREE_SLOT], block
-            assert (block in cls.partial) == bool(free), block
+            assert (block in partial) == bool(free), block
             counts[cls.index][0] += in_use
             counts[cls.index][1] += len(free)
             bases[cls.index].append(at)
             frames_seen.extend(self._block_frames(block))
         for cls in self.classes:
             assert counts[cls.index] == [cls.used_slots, cls.free_slots], cls.size
-            partial = cls.partial
-            assert len(set(partial)) == len(partial)
-            assert all(blocks.cls[b] == cls.index for b in partial)
-            known = sorted(bases[cls.index] + cls.spare_bases.tolist())
-            assert known == list(range(0, len(cls.owners), cls.slots_per_block)), cls.size
+            listed = cls.partial
+            assert len(set(listed)) == len(listed)
+            assert all(blocks.cls[b] == cls.index for b in listed)
+            known = sorted(bases[cls.index] + cls.spare_bases())
+            assert known == list(range(0, cls.made, cls.slots_per_block)), cls.size
         assert len(set(frames_seen)) == len(frames_seen) == self.used_frames <= self.total_frames
-        spare = self._free_frames.tolist()
+        spare, frame = [], self._spare_frame
+        while frame != NO_FRAME:
+            spare.append(frame)
+            frame = self._frame_next[frame]
         assert sorted(frames_seen + spare) == list(range(self._next_frame))
         assert self._next_frame <= self.total_frames
 
@@ -578,6 +656,7 @@ class ZsPool:
         return allocated_bytes(self._fd)
 
     def close(self) -> None:
+        self._books.close()
         self._view.release()
         self._arena.close()
         os.close(self._fd)
