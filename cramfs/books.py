@@ -48,7 +48,7 @@ class Books:
         """Page ``index`` (EMPTY: forget it first) now holds ``state``: ``loc`` is the pool
         handle (COMPRESSED, HUGE), the fill word (SAME) or 0 (BACKING)."""
         table = self.table
-        chunk = table.writable(index)
+        chunk = table.chunks.get(index >> table.chunk_shift) or table.writable(index)
         slot = index & table.chunk_mask
         chunk.meta[slot] = (state << pt.STATE_SHIFT) | length
         chunk.loc[slot] = loc
@@ -71,7 +71,10 @@ class Books:
         leaving the backing file gets its block punched out, unless ``keep_backing`` (it was
         just rewritten there)."""
         table = self.table
-        chunk = table.view(index)
+        number = index >> table.chunk_shift
+        chunk = table.chunks.get(number)
+        if chunk is None:
+            return  # nothing stored in this chunk
         slot = index & table.chunk_mask
         entry = chunk.meta[slot]
         if not entry:
@@ -95,7 +98,9 @@ class Books:
                 self.releasing_bytes += self.pool.slot_size(handle)
             elif free:
                 self.pool.free(handle)
-        table.clear(index)
+        chunk.meta[slot] = 0  # table.clear, with the chunk in hand
+        chunk.loc[slot] = 0
+        table.emptied[number] = slot
 
     # -- both, over a run --------------------------------------------------------------
     def place_run(self, first: int, encoded: list[Encoded], defer_zero: bool) -> tuple[

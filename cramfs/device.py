@@ -36,7 +36,7 @@ from cramfs.stats import Counters as Counters
 from cramfs.stats import Stats
 from cramfs.tiers import PoolTier
 from cramfs.timing import Timing, TimingConfig
-from cramfs.watermarks import FailureMode, Policy, Watermarks
+from cramfs.watermarks import FailureMode, Policy, State, Watermarks
 from cramfs.zspool import MAX_FRAMES_PER_BLOCK, PoolExhausted, ZsPool
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ class CompressedDevice:
         fetch, the request jobs) runs it before anything else, and every refusal counts in
         ``invalid_io`` as zram's does."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            self.counters.invalid_io += 1
+            self.stats.counters.invalid_io += 1
             raise OutOfRange(
                 f"I/O of {length} bytes at offset {offset} is outside the device"
                 f" ({self.size} bytes)")
@@ -416,7 +416,7 @@ class CompressedDevice:
         control.recheck_full(self.pool.used_bytes)
         if not data or not control.refuses_growth():
             return
-        table = self.table
+        table = self.books.table
         shift, mask = pt.STATE_SHIFT, table.chunk_mask
         start = -offset & (PAGE_SIZE - 1)
         index = (offset + start) >> PAGE_SHIFT
@@ -436,8 +436,9 @@ class CompressedDevice:
         """Check, compress and commit on this thread. One whole aligned page while write
         control is idle (most of a swap-out, one page at a time) takes a short path, for the
         reason given in ``read``; anything else goes the general way."""
+        control = self.control
         if len(data) == PAGE_SIZE and not offset & (PAGE_SIZE - 1) and 0 <= offset < self.size \
-                and self.control.idle:
+                and control.watermarks.state is State.OK and not control.no_alloc:  # idle
             return self._write_page(offset >> PAGE_SHIFT, bytes(data))
         self.check_range(offset, len(data))
         return self._write(offset, data)
@@ -452,27 +453,38 @@ class CompressedDevice:
     def _write_page(self, index: int, page: bytes) -> WriteResult:
         """``commit_write(prepare_write(...))`` for one whole page with the state ok, so with
         no write control and nothing for check_range or precheck_write to refuse. The page is
-        encoded once; on a device whose tier has nowhere else to put it and whose page fits,
-        phase 1
-        (_place_all) and phase 2 (_apply) run directly, without commit_write's per-request
-        steps. A page that does not fit goes through commit_write (compaction, retry, the
+        encoded once; on a device whose tier has nowhere else to put it, with room certain
+        for it, the books place it in one pass (``place_run``) without commit_write's
+        per-request steps; nearly full, phase 1 (_place_all) and phase 2 (_apply) run
+        directly. A page that does not fit goes through commit_write (compaction, retry, the
         failure policy) already encoded; phase 1 left nothing behind for it to undo."""
         item = self.codec.encode_page(page)
         if not self.tier.spills:
-            placed = self._place_all(index, [item])
-            if placed[0] != _FAILED:
-                result = WriteResult()
+            result = WriteResult()
+            faults = self.faults
+            if not (faults.poisoned or faults.lost or self.zero_flush_interval) \
+                    and self._certainly_fits(1):
+                notify, huge, poor = self.books.place_run(index, [item], False)
+                counters = self.stats.counters
+                counters.notify_free += notify
+                counters.huge_pages_since += huge
+                counters.reject_compress_poor += poor
+            else:
+                placed = self._place_all(index, [item])
+                if placed[0] == _FAILED:
+                    return self.commit_write(WritePlan(index << PAGE_SHIFT, PAGE_SIZE, index,
+                                                       [item]))
                 self._apply(index, [item], placed, result)
-                counters = self.counters
-                counters.write_requests += 1
-                counters.written_bytes += PAGE_SIZE
-                self._settle()
-                return result
+                counters = self.stats.counters
+            counters.write_requests += 1
+            counters.written_bytes += PAGE_SIZE
+            self._settle()
+            return result
         return self.commit_write(WritePlan(index << PAGE_SHIFT, PAGE_SIZE, index, [item]))
 
     def commit_write(self, plan: WritePlan) -> WriteResult:
         """Place a prepared write. Raises WriteRejected (ENOSPC) or PoisonedPage (EIO)."""
-        counters = self.counters
+        counters = self.stats.counters
         first, encoded, mends = self._merge_partials(plan)
         result = WriteResult()
         if not encoded:  # all of it is kept aside for a poisoned page (see _merge_partials)
@@ -508,7 +520,7 @@ class CompressedDevice:
             counters.failed_writes += 1
             raise BackingError(f"backing file write failed: {exc.strerror}") from exc
         failed = [i for i, h in enumerate(placed) if h == _FAILED]
-        if failed and self.policy is not Policy.NONE:
+        if failed and self.control.policy is not Policy.NONE:
             self._undo(peak)
             pool.compact()
             placed = self._place_all(first, encoded)
@@ -543,7 +555,9 @@ class CompressedDevice:
         pool = self.pool
         if pool.slack:
             pool.compact_pending()
-        self.table.give_back()
+        table = self.books.table
+        if table.emptied:
+            table.give_back()
         self.watermarks.update(pool.used_bytes, alloc_failed=alloc_failed)
 
     def _merge_partials(self, plan: WritePlan) -> tuple[int, list[Encoded], list[Mend]]:
@@ -591,7 +605,7 @@ class CompressedDevice:
 
     def _grows(self, first: int, encoded: list[Encoded]) -> bool:
         """Does any page need a larger slot than it holds now (new pool space)?"""
-        table, pool = self.table, self.pool
+        table, pool = self.books.table, self.pool
         for i, item in enumerate(encoded):
             if item.kind == enc.SAME:
                 continue
@@ -605,19 +619,19 @@ class CompressedDevice:
 
     def _place_all(self, first: int, encoded: list[Encoded]) -> list[int]:
         """Phase 1: allocate and fill new slots, touching nothing the table points at."""
-        pool, pending, table = self.pool, self._pending, self.table
+        pool, pending, table = self.pool, self._pending, self.books.table
         class_of, slot_size, alloc_in, write = (pool.class_of, pool.slot_size, pool.alloc_in,
                                                 pool.write)
         same, shift, mask = enc.SAME, pt.STATE_SHIFT, table.chunk_mask
         tier = self.tier
         spills = tier.spills
-        chunk = table.view(first)
+        chunk = table.chunks.get(first >> table.chunk_shift) or table.absent
         placed = []
         for i, item in enumerate(encoded):
             index = first + i
             slot = index & mask
             if not slot:
-                chunk = table.view(index)
+                chunk = table.chunks.get(index >> table.chunk_shift) or table.absent
             if item.kind == same:
                 placed.append(0)
                 continue
@@ -637,7 +651,7 @@ class CompressedDevice:
                 handle = alloc_in(cls, index)
             except PoolExhausted:
                 if spills:
-                    self.counters.reject_alloc_fail += 1
+                    self.stats.counters.reject_alloc_fail += 1
                     tier.spill(index, item)
                     placed.append(_BACKING)
                     continue
@@ -659,19 +673,20 @@ class CompressedDevice:
                result: WriteResult) -> None:
         """Phase 2: point the table at the new objects and free the old ones, through the
         books' install/forget pair."""
-        table, pool, pending, counters = self.table, self.pool, self._pending, self.counters
-        books, faults = self.books, self.faults
+        books, faults, pool, pending = self.books, self.faults, self.pool, self._pending
+        table, counters = books.table, self.stats.counters
+        poisoned, lost = faults.poisoned, faults.lost  # changed in place, never replaced
         install, forget = books.install, books.forget
         mask = table.chunk_mask
         # Read through the chunk as it was when the request began: a store below may
         # allocate the chunk, but every page it did not hold yet reads as empty either way,
         # and each page of the request is visited once.
-        chunk = table.view(first)
+        chunk = table.chunks.get(first >> table.chunk_shift) or table.absent
         for i, item in enumerate(encoded):
             index = first + i
             slot = index & mask
             if not slot:
-                chunk = table.view(index)
+                chunk = table.chunks.get(index >> table.chunk_shift) or table.absent
             marker = placed[i]
             if marker == _FAILED:
                 result.lost_pages += 1
@@ -695,7 +710,7 @@ class CompressedDevice:
                     defer = bool(kind == enc.SAME and item.fill == 0
                                  and self.zero_flush_interval)
                     forget(index, free=not defer, defer=defer)
-            if faults.marked:
+            if poisoned or lost:
                 faults.mended(index)
             if kind == enc.SAME:
                 if item.fill == 0:
@@ -726,7 +741,7 @@ class CompressedDevice:
         compress worse) changes nothing. Write control never refuses a discard: it releases.
         Returns the number of pages that held data and were released."""
         self.check_range(offset, length)
-        counters = self.counters
+        counters = self.stats.counters
         end = offset + length
         first = -(-offset >> PAGE_SHIFT)  # first whole page
         stop = end >> PAGE_SHIFT  # one past the last whole page
@@ -756,7 +771,7 @@ class CompressedDevice:
         todo = []
         for index, start, count in edges:
             self.faults.check_partial_write(index)
-            if self.table.entry(index) == 0:
+            if self.books.table.entry(index) == 0:
                 continue  # nothing stored: it reads as zeros already
             page = bytearray(self._page_bytes(index))
             page[start:start + count] = bytes(count)
@@ -772,13 +787,13 @@ class CompressedDevice:
                 placed = self._place_edges(todo)
                 if any(marker[0] == _FAILED for marker in placed):
                     self._undo(peak)
-                    self.counters.pool_limit_hit += 1
+                    self.stats.counters.pool_limit_hit += 1
                     self.control.reject(REJECT_FULL,
                                         "pool full: zeroing part of a page does not fit")
         except OSError as exc:
             self._undo(peak)
-            self.counters.backing_write_errors += 1
-            self.counters.failed_writes += 1
+            self.stats.counters.backing_write_errors += 1
+            self.stats.counters.failed_writes += 1
             raise BackingError(f"backing file write failed: {exc.strerror}") from exc
         result = WriteResult()
         for (index, item), marker in zip(todo, placed, strict=True):
@@ -791,7 +806,7 @@ class CompressedDevice:
         """Drop pages ``first .. stop - 1`` from the books: the whole-page half of discard.
         Only allocated chunks are visited (a discard can cover the whole advertised size:
         swapon discards the device)."""
-        table = self.table
+        table = self.books.table
         defer = bool(self.zero_flush_interval)
         released = 0
         forget = self.books.forget
@@ -831,7 +846,7 @@ class CompressedDevice:
         elif self._pending.get(owner) == old:
             self._pending[owner] = new
         else:
-            self.table.set_location(owner, new)
+            self.books.table.set_location(owner, new)
 
     # -- reads --------------------------------------------------------------------------
     def fetch(self, offset: int, length: int, out: bytearray | None = None,
@@ -846,7 +861,7 @@ class CompressedDevice:
 
     def _fetch(self, offset: int, length: int, out: bytearray | None = None,
                buffer: bool = False) -> ReadPlan:
-        table = self.table
+        table = self.books.table
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT if length else first - 1
         if last - first + 1 >= enc.PARALLEL_BATCH_PAGES and self.codec.batch_reads:
@@ -859,8 +874,8 @@ class CompressedDevice:
             faults.check_read(index)
             pages.append(self._page_item(index))
             table.reference(index)
-        self.counters.read_requests += 1
-        self.counters.read_bytes += length
+        self.stats.counters.read_requests += 1
+        self.stats.counters.read_bytes += length
         return ReadPlan(offset, length, pages)
 
     @staticmethod
@@ -876,8 +891,8 @@ class CompressedDevice:
         into the reply buffer (empty pages are its zeros), and the compressed ones are copied
         out of the pool end to end, one run per stretch of consecutive compressed pages (cut
         in the middle so two threads can share them)."""
-        table, pool = self.table, self.pool
-        chunk = table.view(first)
+        table, pool = self.books.table, self.pool
+        chunk = table.chunks.get(first >> table.chunk_shift) or table.absent
         meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
         faults = self.faults
         poisoned = faults.poisoned
@@ -900,7 +915,7 @@ class CompressedDevice:
                 faults.check_read(index)
             slot = index & chunk_mask
             if not slot:
-                chunk = table.view(index)
+                chunk = table.chunks.get(index >> table.chunk_shift) or table.absent
                 meta, loc, referenced = chunk.meta, chunk.loc, chunk.ref
             m = meta[slot]
             state = m >> shift
@@ -931,8 +946,8 @@ class CompressedDevice:
         if run_start >= 0:
             runs.append((run_start, filled, run_at, at))
         frames = pool.gather(handles, sizes)
-        self.counters.read_requests += 1
-        self.counters.read_bytes += length
+        self.stats.counters.read_requests += 1
+        self.stats.counters.read_bytes += length
         return ReadPlan(offset, length, None, out, frames, runs, first)
 
     def _inflate_plan(self, plan: ReadPlan) -> bytearray:
@@ -978,8 +993,8 @@ class CompressedDevice:
         poisoned = self.faults.poisoned
         if poisoned and index in poisoned:
             self.faults.check_read(index)
-        table = self.table
-        chunk = table.view(index)
+        table = self.books.table
+        chunk = table.chunks.get(index >> table.chunk_shift) or table.absent
         slot = index & table.chunk_mask
         meta = chunk.meta[slot]
         if meta >> pt.STATE_SHIFT == pt.COMPRESSED:
@@ -988,7 +1003,7 @@ class CompressedDevice:
             page = self.codec.decode_pages([self._page_item(index)])[0]
         if chunk.ref is not None:
             chunk.ref[slot] = 1
-        counters = self.counters
+        counters = self.stats.counters
         counters.read_requests += 1
         counters.read_bytes += length
         if length == PAGE_SIZE:
@@ -999,7 +1014,7 @@ class CompressedDevice:
     def _page_item(self, index: int) -> tuple[int, object]:
         """What decoding page ``index`` needs, copied out of the pool or the backing file:
         (state, payload bytes | fill word | None), as codec.decode_pages takes it."""
-        table = self.table
+        table = self.books.table
         entry = table.entry(index)
         state = entry >> pt.STATE_SHIFT
         if state == pt.COMPRESSED or state == pt.HUGE:
@@ -1076,7 +1091,7 @@ class CompressedDevice:
         """Pages of the present average compressibility that still fit before usage crosses
         ``high`` (with nothing in the pool, at the promised ratio): what a driver asks before
         placing a batch. 0 at or above high, or while the gate is closed."""
-        if self.no_alloc:
+        if self.control.no_alloc:
             return 0
         # The pool grows a block at a time (up to MAX_FRAMES_PER_BLOCK frames), not an object
         # at a time: keep a few largest blocks of the headroom back, or a batch that opens new

@@ -87,7 +87,7 @@ class PageTable:
     """``chunk_shift`` sets the chunk size (``1 << chunk_shift`` pages); tests make it small
     so that every request crosses chunk boundaries."""
 
-    __slots__ = ("pages", "chunks", "referenced", "absent", "_emptied", "chunk_shift",
+    __slots__ = ("pages", "chunks", "referenced", "absent", "emptied", "chunk_shift",
                  "chunk_pages", "chunk_mask", "_zeros")
 
     def __init__(self, pages: int, referenced: bool = False,
@@ -103,7 +103,10 @@ class PageTable:
         # readers may set reference bits in its ``ref`` (scratch: an empty page's bit is
         # never looked at; a store sets the bit of the page it stores).
         self.absent = Chunk(self.chunk_pages, referenced)
-        self._emptied: set[int] = set()  # chunks a clear touched or a store opened
+        # Chunks that may have emptied: chunk number -> the slot a clear last emptied (or a
+        # store opened the chunk for). give_back looks there first: a rewrite refills it at
+        # once, so the common case costs one array read, not a scan of the chunk.
+        self.emptied: dict[int, int] = {}
 
     # -- chunks -------------------------------------------------------------------------
     def view(self, index: int) -> Chunk:
@@ -116,24 +119,20 @@ class PageTable:
         chunk = self.chunks.get(number)
         if chunk is None:
             chunk = self.chunks[number] = Chunk(self.chunk_pages, self.referenced)
-            self._emptied.add(number)  # a store may yet leave nothing in it
+            self.emptied[number] = index & self.chunk_mask  # a store may yet leave it empty
         return chunk
-
-    def emptied(self, index: int) -> None:
-        """Note that page ``index`` was cleared by a caller writing ``meta`` directly."""
-        self._emptied.add(index >> self.chunk_shift)
 
     def give_back(self) -> int:
         """Free every chunk that a clear left empty; returns chunks freed. Callers run it at
         the end of a change, never while they hold a chunk's arrays to write into."""
         freed = 0
         chunks, zeros = self.chunks, self._zeros
-        for number in self._emptied:
+        for number, slot in self.emptied.items():
             chunk = chunks.get(number)
-            if chunk is not None and chunk.is_empty(zeros):
+            if chunk is not None and not chunk.meta[slot] and chunk.is_empty(zeros):
                 del chunks[number]
                 freed += 1
-        self._emptied.clear()
+        self.emptied.clear()
         return freed
 
     def chunk_numbers(self, first: int, stop: int) -> list[int]:
@@ -176,7 +175,7 @@ class PageTable:
         slot = index & self.chunk_mask
         chunk.meta[slot] = 0
         chunk.loc[slot] = 0
-        self._emptied.add(index >> self.chunk_shift)
+        self.emptied[index >> self.chunk_shift] = slot
 
     def reference(self, index: int) -> None:
         ref = self.view(index).ref
@@ -219,5 +218,5 @@ class PageTable:
         """What the table really holds: the directory and every allocated chunk."""
         chunks = self.chunks
         per_chunk = next(iter(chunks.values())).nbytes if chunks else 0
-        return (sys.getsizeof(chunks) + self.absent.nbytes + sys.getsizeof(self._emptied)
+        return (sys.getsizeof(chunks) + self.absent.nbytes + sys.getsizeof(self.emptied)
                 + per_chunk * len(chunks))
