@@ -5,10 +5,12 @@ cramfsd locks itself in memory (mlockall), so whatever its heap keeps after a bu
 stays resident for good. This runs the swap workload the README's worked example describes --
 the embedded default config (swap0: 1G over a 1G pool, node0), ``cramfs swapon swap0 --force``,
 tests/e2e/workload.py (every page verified) in a memory cgroup smaller than the workload -- on
-two daemons in alternating rounds:
+daemons in alternating rounds:
 
-  before   cramfsd with ``daemon.system.tune_allocator`` replaced by a no-op: glibc's defaults
-  after    cramfsd as shipped
+  untuned  cramfsd with ``daemon.system.tune_allocator`` replaced by a no-op: glibc's defaults
+  tuned    cramfsd as shipped
+  old      with ``--old SRC``: the cramfsd of another source tree (e.g. ``git archive <commit> |
+           tar -x -C SRC``), as shipped there, to compare two builds
 
 and reports, per round, the daemon's RSS beyond its pools (``VmRSS`` of /proc/PID/status minus
 the ``pool_resident`` attribute of every device) and its anonymous memory (``Pss_Anon`` of
@@ -17,20 +19,36 @@ while it runs, and after it exits. The bound the soak test (tests/e2e/test_soak.
 48 MB plus 16 bytes per stored page.
 
     sudo .venv/bin/python tests/bench/rss_bench.py [--rounds 3] [--mib 320] [--limit-mib 128]
+                                                   [--old SRC] [--only tuned,old]
 
-Measured here (busy 2-CPU host, 3 alternating rounds; MB = 10^6 bytes beyond the pools):
+Measured here (busy 2-CPU host, 3 alternating rounds; MB = 10^6 bytes beyond the pools), the
+allocator tuning, with the pool keeping a Python object per block:
 
     round variant  idle   peak  after (bound)  Pss_Anon  [heap]  workload
-    1     before   40.2   65.9   66.8 (48.0)     53.8     20.0    133 s
-    1     after    40.5   61.1   61.1 (48.5)     47.9     10.2    108 s
-    2     after    40.5   56.1   56.5 (48.0)     43.3      9.6    119 s
-    2     before   40.2  106.7   77.1 (48.0)     64.0     26.1    107 s
-    3     before   40.3   81.3   77.3 (48.7)     64.0     21.9    142 s
-    3     after    40.5   53.6   64.0 (48.4)     40.5     10.1    151 s
+    1     untuned  40.2   65.9   66.8 (48.0)     53.8     20.0    133 s
+    1     tuned    40.5   61.1   61.1 (48.5)     47.9     10.2    108 s
+    2     tuned    40.5   56.1   56.5 (48.0)     43.3      9.6    119 s
+    2     untuned  40.2  106.7   77.1 (48.0)     64.0     26.1    107 s
+    3     untuned  40.3   81.3   77.3 (48.7)     64.0     21.9    142 s
+    3     tuned    40.5   53.6   64.0 (48.4)     40.5     10.1    151 s
 
 ("after" is read 2 s after the workload exits, while the kernel's discards may still be
 emptying the pool; after swapoff the same daemons held 66.8 / 77.1 / 77.2 and 61.1 / 56.5 /
 53.1 MB.)
+
+The pool's books in flat arrays in their own mapping (tuned) against a Python object per block
+(old: the same tree with the earlier cramfs/zspool.py), 2 alternating rounds (load 2.1-2.7):
+
+    round variant  idle   peak  after (bound)  [heap]  thread arenas  other anon
+    1     tuned    36.7   68.2   58.9 (48.0)    14.7        4.5          24.3
+    1     old      36.5   66.6   62.9 (48.0)    13.0        2.6          31.9
+    2     old      36.4   83.7   79.8 (48.0)    15.9        4.6          43.5
+    2     tuned    36.8   79.2   67.4 (48.0)    16.6        6.9          28.3
+
+(idle: heap 7, other anon 14). Less is left in the interpreter's own mappings (pymalloc's
+arenas are among "other anon"), but this workload -- 320 MiB, two verify passes -- still
+leaves 59-67 MB, above the bound; the soak test's three 256 MiB single-pass workloads leave
+43-44 MB (tests/e2e/test_soak.py).
 
 Needs root, /dev/fuse, loop devices and a memory cgroup. Everything set up is undone in
 ``finally`` blocks (the e2e Harness): cgroups, swapoff, losetup -d, the daemons it started.
@@ -108,6 +126,43 @@ def heap_rss(pid: int) -> int:
     return total
 
 
+PYMALLOC_ARENAS = (256 << 10, 1 << 20)  # obmalloc's arena: 256 KiB, 1 MiB from 3.10 on 64-bit
+GLIBC_HEAP = 64 << 20  # a glibc thread arena's heap: reserved whole, made readable as it grows
+
+
+def anon_mappings(pid: int) -> dict[str, int]:
+    """Resident anonymous bytes of the process by what holds them, told apart by their
+    mappings: the main heap, mappings of exactly an obmalloc arena's size (pymalloc arenas,
+    or malloc blocks of that size), glibc thread arenas (inside a 64 MiB-aligned
+    reservation), and the rest (thread stacks, mmapped malloc blocks, the interpreter's and
+    the pool's own maps)."""
+    out = {"heap": 0, "pymalloc": 0, "thread_arenas": 0, "other_anon": 0,
+           "pymalloc_count": 0}
+    name, size, start = "", 0, 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not line[0].isupper():
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                fields = line.split()
+                name = fields[5] if len(fields) > 5 else ""
+                size, start = hi - lo, lo
+            elif line.startswith("Anonymous:") and (not name or name == "[heap]"):
+                rss = int(line.split()[1]) * 1024
+                if name == "[heap]":
+                    out["heap"] += rss
+                elif size in PYMALLOC_ARENAS:
+                    out["pymalloc"] += rss
+                    out["pymalloc_count"] += 1
+                elif start % GLIBC_HEAP == 0 and size < GLIBC_HEAP:
+                    out["thread_arenas"] += rss
+                else:
+                    out["other_anon"] += rss
+                    key = f"other_{size >> 10}k"  # by mapping size, to tell them apart
+                    out[key] = out.get(key, 0) + rss
+    return out
+
+
 def pool_resident(daemon: Daemon) -> int:
     return sum(int(read_attr(daemon.mountpoint, name, "pool_resident"))
                for name in daemon.devices)
@@ -126,6 +181,7 @@ def sample(daemon: Daemon) -> dict[str, int]:
     return {"vmrss": status["VmRSS"], "pool_resident": pool,
             "beyond_pool": status["VmRSS"] - pool, "pss_anon": smaps_rollup(daemon.pid)["Pss_Anon"],
             "heap": heap_rss(daemon.pid), "stored_pages": stored,
+            **{f"anon_{k}": v for k, v in anon_mappings(daemon.pid).items()},
             "bound": BOUND_BASE + BOUND_PER_PAGE * stored}
 
 
@@ -183,22 +239,26 @@ def swap_round(harness: Harness, daemon: Daemon, args: argparse.Namespace,
     return {"idle": idle, "peak": highest, "after": after, "elapsed_s": round(elapsed, 1)}
 
 
-def launcher(tmp: Path, tuned: bool) -> str:
-    """An executable that starts cramfsd, with or without the allocator tuning."""
+def launcher(tmp: Path, tuned: bool, src: Path | None = None) -> str:
+    """An executable that starts cramfsd, with or without the allocator tuning, from this
+    checkout or from the source tree ``src``."""
     cramfsd = Path(sys.executable).parent / "cramfsd"
-    if tuned and cramfsd.exists():
+    if tuned and src is None and cramfsd.exists():
         return str(cramfsd)
     path = tmp / ("cramfsd-tuned" if tuned else "cramfsd-untuned")
     code = "import sys; from daemon.main import main; sys.exit(main())" if tuned else UNTUNED
-    path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "
-                    '"$@"\n')
+    # -P: the source tree on PYTHONPATH comes before the directory the bench runs in
+    env = f"env PYTHONPATH={shlex.quote(str(src))} " if src is not None else ""
+    flags = "-P " if src is not None else ""
+    path.write_text(f"#!/bin/sh\nexec {env}{shlex.quote(sys.executable)} {flags}-c "
+                    f'{shlex.quote(code)} "$@"\n')
     path.chmod(0o755)
     return str(path)
 
 
 def run_variant(label: str, tuned: bool, args: argparse.Namespace, seed: int) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix=f"cramfs-rss-{label}-"))
-    harness = Harness(tmp, launcher(tmp, tuned))
+    harness = Harness(tmp, launcher(tmp, tuned, args.old if label == "old" else None))
     try:
         daemon = harness.start_daemon(configuration.default_text(), log_level="info",
                                       metrics_address=args.metrics_address)
@@ -234,15 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--metrics-address", default="127.0.0.1:0",
                         help='the endpoint, on as shipped but nobody scraping ("" = off)')
-    parser.add_argument("--only", choices=("before", "after"))
+    parser.add_argument("--old", type=Path, default=None,
+                        help="source tree of another cramfsd: the 'old' variant")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated variants to run (untuned, tuned, old)")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("rss_bench.py needs root (loop devices, swap, cgroups)")
 
-    variants = [("before", False), ("after", True)]
+    variants = [("untuned", False), ("tuned", True)]
+    if args.old is not None:
+        variants.append(("old", True))
     if args.only:
-        variants = [v for v in variants if v[0] == args.only]
+        wanted = args.only.split(",")
+        variants = [v for v in variants if v[0] in wanted]
     results: list[dict[str, object]] = []
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]  # alternate who goes first
@@ -267,6 +333,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"({mb(after['bound'])}) {mb(after['pss_anon'])} {mb(after['heap'])} | "
                   f"{mb(row['after_swapoff']['beyond_pool'])} | {one['elapsed_s']}")
             summary.setdefault(str(row["variant"]), []).append(after["beyond_pool"])
+    print("anonymous memory idle and after each workload (MB): main heap | pymalloc-arena-"
+          "sized maps (count) | glibc thread arenas | other")
+    for row in results:
+        for i, one in enumerate(row["rounds"]):  # type: ignore[arg-type]
+            for when in ("idle", "after"):
+                a = one[when]
+                print(f"{row['round']}.{i + 1:<4} {row['variant']:<7} {when:<5} | "
+                      f"{mb(a['anon_heap'])} | {mb(a['anon_pymalloc'])} "
+                      f"({a['anon_pymalloc_count']}) | {mb(a['anon_thread_arenas'])} | "
+                      f"{mb(a['anon_other_anon'])}")
     for label, values in summary.items():
         median = int(statistics.median(values))
         print(f"{label}: after a workload, RSS beyond the pool: median {mb(median)} MB, "
