@@ -125,7 +125,7 @@ def in_process(args: argparse.Namespace, data: bytes) -> dict[str, float]:
         stored = dev.pages_stored
         grown = dev.table.metadata_bytes - empty
         return {"build_s": built, "empty_metadata": empty, "stored_pages": stored,
-                "chunks": len(dev.table.chunks),
+                "chunks": len(getattr(dev.table, "chunks", ())),  # 0: a flat table
                 "metadata_per_stored_page": grown / stored if stored else 0.0,
                 "fixed_bytes": pt.fixed_bytes(dev.pages),
                 "fixed_bytes_per_tib": pt.fixed_bytes(dev.pages) / (size / (1 << 40))}
