@@ -81,11 +81,15 @@ def tune_allocator() -> bool:
     that outlive a burst pin the heap above them, and under mlockall nothing below the top can
     be returned.
 
-    What is left above idle is mostly Python's small-object allocator (pymalloc), which no
-    mallopt reaches: the pool's per-block metadata (Python objects, ~120 B per stored page
-    while the workload runs) fills new 1 MiB pymalloc arenas, and an arena is returned only
-    once every object in it is freed (after one workload: 8 more arenas, 7 MB of them empty
-    pools). Returns False (and logs) where mallopt is missing or refuses a parameter.
+    The pool no longer adds to what is left: its books are flat arrays in a mapping of their
+    own (cramfs/zspool.py), where they once were Python objects per block that filled new
+    1 MiB pymalloc arenas, returned only once every object in them was freed (rss_bench,
+    three 256 MiB workloads on one daemon: 5 -> 9 arenas with those objects, 7 throughout
+    with the arrays). Still needed: with the array books, 320 MiB workloads left 70.4 / 70.1
+    MB beyond the pools with glibc's defaults against 59.5-60.6 MB with these settings
+    (rss_bench, 2 alternating rounds). What is left is the main heap (13-18 MB after a
+    workload, 7 idle), a thread arena (3-7 MB) and mmapped blocks that outlive the traffic.
+    Returns False (and logs) where mallopt is missing or refuses a parameter.
     """
     mallopt = getattr(_libc, "mallopt", None)
     if mallopt is None:
