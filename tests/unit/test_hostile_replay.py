@@ -1,0 +1,138 @@
+"""Hostile replays: every cut of a trace, bit flips, empty and foreign files, bad --set values,
+and the same variant's numbers wherever it sits among others (shared passes, processes)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cramfs import PAGE_SIZE
+from cramfs.replay import replay, replay_all
+from cramfs.watermarks import Policy
+from daemon import replay_cli
+
+from .test_replay import record_node, strip_timing
+
+P = PAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def trace_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("hostile") / "node.trace"
+    record_node(path, steps=300)
+    return path.read_bytes()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = replay_cli.main(["replay", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_refusal_or_result(code: int, out: str, err: str) -> None:
+    assert code in (0, 2), (code, err)
+    if code == 2:
+        assert not out and err.startswith("cramfs: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    else:
+        assert out and "Traceback" not in err
+
+
+def test_every_cut_of_a_trace_replays_or_is_refused_in_one_line(
+        tmp_path: Path, trace_bytes: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cut.trace"
+    n = len(trace_bytes)
+    cuts = sorted({*range(0, min(n, 300)), *range(0, n, max(1, n // 60)), n - 1})
+    outcomes = set()
+    for cut in cuts:
+        path.write_bytes(trace_bytes[:cut])
+        code, out, err = cli(capsys, str(path), "--json")
+        assert_one_line_refusal_or_result(code, out, err)
+        outcomes.add(code)
+    assert outcomes == {0, 2}  # a bare header refuses; a cut after a chunk replays
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"CRAMFS", b"\xff" * 4096,
+                                     b"PK\x03\x04" + bytes(200)])
+def test_empty_and_foreign_files_are_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes) -> None:
+    path = tmp_path / "foreign.trace"
+    path.write_bytes(content)
+    code, out, err = cli(capsys, str(path))
+    assert code == 2 and not out and err.count("\n") == 1 and err.startswith("cramfs: ")
+
+
+def test_a_directory_is_refused_in_one_line(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, str(tmp_path))
+    assert code == 2 and not out and err.count("\n") == 1
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_a_bit_flipped_trace_replays_or_is_refused_in_one_line(
+        tmp_path: Path, trace_bytes: bytes, capsys: pytest.CaptureFixture[str],
+        where: float, bit: int) -> None:
+    data = bytearray(trace_bytes)
+    data[int(where * len(data))] ^= 1 << bit
+    path = tmp_path / "flipped.trace"
+    path.write_bytes(bytes(data))
+    code, out, err = cli(capsys, str(path), "--json")
+    assert_one_line_refusal_or_result(code, out, err)
+
+
+@pytest.mark.parametrize("text", [
+    "", "=", "pool=", "=64M", "pool==64M", "pool=64M,", ",pool=64M", "pool=64M,,low=0.5",
+    "pool=1.5G", "pool=-4K", "pool=0", "pool=4097", "level=abc",
+    "level=1.5", "low=0.9,high=0.8", "low=inf", "high=-1", "policy=", "policy=REJECT ",
+    "compressor=gzip", "huge_threshold=-1", "huge_threshold=99999",
+    "zero_flush_interval=-1", "zero_flush_interval=1e9", "throttle_max_delay=nan",
+    "no_alloc_on_full=2", "size=15T", "kind=zswap", "max_pool_percent=50",
+    "POOL=64M", " pool = 64M x",
+    pytest.param("pool=99999999T", marks=pytest.mark.xfail(
+        strict=True, reason="a --set pool past 2**63 bytes escapes as an OverflowError "
+        "traceback from ZsPool's ftruncate instead of a one-line refusal")),
+    pytest.param("pool=64T", marks=pytest.mark.xfail(
+        strict=True, reason="a --set pool the machine cannot map exits 1 with 'TRACE: Cannot "
+        "allocate memory', blaming the trace file, instead of 2 naming the pool setting"))])
+def test_bad_set_values_are_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], trace_bytes: bytes,
+        text: str) -> None:
+    path = tmp_path / "node.trace"
+    path.write_bytes(trace_bytes)
+    code, out, err = cli(capsys, str(path), "--set", text)
+    assert code == 2, (text, out[:200])
+    assert not out and err.startswith("cramfs: ") and err.count("\n") == 1, (text, err)
+
+
+def test_a_variant_gets_the_same_numbers_wherever_it_sits(tmp_path: Path) -> None:
+    """Run for run, alone, repeated, first or last among variants that share its pass or
+    not, in one process or several: the same numbers."""
+    path = tmp_path / "node.trace"
+    record_node(path, steps=600, pool=32 * P)
+    target: dict[str, Any] = {"pool": 24 * P, "policy": Policy.THROTTLE}
+    others: list[dict[str, Any]] = [{}, {"pool": 48 * P}, {"low": 0.3, "high": 0.5},
+                                    {"compressor": "lz4"}, {"level": 3}]
+    alone = strip_timing(replay(path, target))
+    assert strip_timing(replay(path, target)) == alone
+    rng = random.Random(3)
+    for jobs in (1, 2):
+        for _ in range(3):
+            variants = [dict(v) for v in others]
+            rng.shuffle(variants)
+            at = rng.randrange(len(variants) + 1)
+            variants.insert(at, dict(target))
+            variants.insert(rng.randrange(len(variants) + 1), dict(target))  # twice
+            results = replay_all(path, [{}, *variants], jobs=jobs)
+            mine = [strip_timing(r) for r, v in zip(results[1:], variants, strict=True)
+                    if v == target]
+            assert len(mine) == 2
+            for result in mine:
+                assert {k: v for k, v in result.items() if k != "pass_variants"} == {
+                    k: v for k, v in alone.items() if k != "pass_variants"}
