@@ -189,3 +189,15 @@ def test_an_out_of_range_read_request_is_out_of_range_even_with_injected_errors(
         assert dev.counters.invalid_io == 1
     finally:
         dev.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a pool the machine cannot map (pool = \"64T\") escapes "
+                   "make_device as OSError ENOMEM (a traceback from cramfsd) instead of exit 2 "
+                   "naming device.NAME.pool")
+def test_a_pool_the_machine_cannot_map_is_refused_naming_the_key() -> None:
+    from daemon import config, main
+
+    cfg = config.parse('mountpoint = "/tmp/cramfs-hostile-never"\nmetrics_address = ""\n'
+                       '[device.n]\nkind = "node"\nsize = "1G"\npool = "64T"\n')
+    with pytest.raises(main.UsageError, match=r"device\.n\.pool"):
+        main.make_device(cfg.devices[0]).close()
