@@ -122,8 +122,9 @@ class WriteJob:
 
     A job holds no reference to itself (``offload`` is made on each access, not kept): a
     cycle would keep the request's buffers alive until the cycle collector ran, and under
-    mlockall every such byte stays resident (measured: ~300 B per stored page more RSS
-    after 256 MiB of 1 MiB writes, tests/bench/sparse_bench.py)."""
+    mlockall every such byte stays resident. (tests/bench/sparse_bench.py, 64G node, 256 MiB
+    of 1 MiB writes: with jobs that kept ``offload`` as a bound method, RSS beyond the pool
+    grew 380-398 B per stored page, against 90-91 B before the jobs existed.)"""
 
     __slots__ = ("device", "offset", "data", "nbytes", "shaped", "plan", "result")
 
