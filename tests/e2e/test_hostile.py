@@ -358,3 +358,60 @@ def test_a_trace_into_the_mount_itself_is_refused_and_the_daemon_keeps_serving(s
     assert answered, "the daemon hung recording into its own mount"
     assert outcome == [errno.EINVAL]
     assert read_attr(m, "big", "trace") == "off"
+
+
+@pytest.mark.xfail(strict=True, reason="pool = \"64T\" (more than the machine can map) makes "
+                   "cramfsd exit 1 with an OSError traceback from ZsPool instead of exit 2 "
+                   "naming device.big.pool")
+def test_a_pool_the_machine_cannot_map_exits_2_naming_the_key(require, daemon_command,
+                                                              tmp_path):
+    require("daemon")
+    mountpoint = tmp_path / "mnt"
+    config = tmp_path / "cramfs.toml"
+    config.write_text(f'mountpoint = "{mountpoint}"\nmetrics_address = ""\n\n'
+                      + node_config(size="1G", pool="64T"))
+    try:
+        proc = subprocess.run([daemon_command, "--config", str(config)], capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cramfsd:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    assert len(lines) == 1 and lines[0].startswith("cramfsd: device.big.pool: ")
+
+
+def test_sighup_on_zswap_applies_its_percentages_and_refuses_what_it_cannot_take(
+        start_daemon, tmp_path):
+    backing = tmp_path / "zb.img"
+    daemon = start_daemon(node_config(size="1G", kind="zswap", policy="none",
+                                      extra=f'backing_file = "{backing}"\n'
+                                            "max_pool_percent = 20\n"
+                                            "accept_threshold_percent = 90\n"))
+    m, config = daemon.mountpoint, daemon.config_path
+    original = config.read_text()
+
+    def hup(text: str) -> None:
+        config.write_text(text)
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.6)
+        assert daemon.notify is not None
+        daemon.notify.poll()
+        assert daemon.alive(), daemon.log_tail()
+
+    hup(original.replace("max_pool_percent = 20", "max_pool_percent = 40"))
+    assert read_attr(m, "big", "max_pool_percent") == "40"
+    for bad in ("max_pool_percent = 0", "max_pool_percent = 101", "max_pool_percent = -1",
+                "max_pool_percent = 1.5", 'max_pool_percent = "40"'):
+        hup(original.replace("max_pool_percent = 20", bad))
+        assert read_attr(m, "big", "max_pool_percent") == "40", bad
+    hup(original.replace("max_pool_percent = 20", "max_pool_percent = 40")
+        .replace('policy = "none"', 'policy = "reject"'))  # zswap never refuses: kept
+    assert read_attr(m, "big", "write_policy") == "none"
+    fd = os.open(daemon.data("big"), os.O_RDWR)
+    try:
+        body = pages(64, 4)
+        os.pwrite(fd, body, 512 * P - 32 * P)  # across a chunk boundary, past the limit
+        assert os.pread(fd, len(body), 512 * P - 32 * P) == body
+    finally:
+        os.close(fd)
