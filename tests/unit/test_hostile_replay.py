@@ -12,13 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cramfs import PAGE_SIZE
+from cramfs.device import CompressedDevice, DeviceConfig
 from cramfs.replay import replay, replay_all
+from cramfs.trace import start_trace
 from cramfs.watermarks import Policy
 from daemon import replay_cli
 
-from .test_replay import record_node, strip_timing
+from .test_replay import Recorder, live_numbers, record_node, replayed_numbers, strip_timing
 
 P = PAGE_SIZE
+TiB = 1 << 40
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +139,37 @@ def test_a_variant_gets_the_same_numbers_wherever_it_sits(tmp_path: Path) -> Non
             for result in mine:
                 assert {k: v for k, v in result.items() if k != "pass_variants"} == {
                     k: v for k, v in alone.items() if k != "pass_variants"}
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_15_tib_node_replays_as_recorded(tmp_path: Path, snapshot: bool) -> None:
+    """Far offsets, the last pages, discards across 512-page chunks and past the end, from an
+    empty device or from a snapshot of pages stored at its far end: the replay ends with the
+    live device's numbers."""
+    device = CompressedDevice(DeviceConfig(size=15 * TiB, pool=2 << 20, level=1, low=0.5,
+                                           high=0.7))
+    rng = random.Random(1)
+    try:
+        if snapshot:
+            for i in range(50):
+                device.write(device.size - P * (i * 7 + 1), rng.randbytes(1500) + bytes(2596))
+        rec = Recorder(device, start_trace(tmp_path / "t.trace", "node0", "node", device))
+        for _ in range(800):
+            rec.tick(rng)
+            off = rng.choice([0, 7 * TiB, device.size - 256 * P]) + rng.randrange(600) * P
+            r = rng.random()
+            if r < 0.6:
+                rec.write(off, rng.randbytes(1500) + bytes(2596))
+            elif r < 0.8:
+                rec.read(off, P)
+            else:
+                rec.discard(off, rng.choice([P, 4 * P, 700 * P]))
+        rec.writer.close(rec.t)
+        live = live_numbers(device)
+    finally:
+        device.close()
+    replayed = replayed_numbers(replay(tmp_path / "t.trace"))
+    if snapshot:  # counters are relative to the snapshot
+        live.pop("counters")
+        replayed.pop("counters")
+    assert replayed == live
