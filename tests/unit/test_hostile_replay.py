@@ -173,3 +173,56 @@ def test_a_15_tib_node_replays_as_recorded(tmp_path: Path, snapshot: bool) -> No
         live.pop("counters")
         replayed.pop("counters")
     assert replayed == live
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "read", "discard", "event", "flush"]),
+                              st.sampled_from([0, 1, 4095, 4096, 65535, 65536, 70000, 200000]),
+                              st.integers(0, 255)), min_size=1, max_size=60),
+       chunk_kib=st.sampled_from([1, 8, 64, 300]))
+def test_the_trace_writer_keeps_each_record_as_it_was_when_recorded(
+        tmp_path: Path, ops: list[tuple[str, int, int]], chunk_kib: int) -> None:
+    """The writer copies bodies into reused chunk buffers: a caller's buffer reused at once
+    (as FUSE reuses its request buffers), bodies around the gathering threshold, chunks
+    smaller than one body and flushes in between must all read back exactly."""
+    from cramfs.trace import TraceReader, TraceWriter
+
+    path = tmp_path / "w.trace"
+    writer = TraceWriter(path, {"device": {}}, chunk_bytes=chunk_kib << 10)
+    scratch = bytearray(200000)
+    expected: list[tuple[str, int, int, bytes | None]] = []
+    t = 0.0
+    for i, (op, size, fill) in enumerate(ops):
+        t += 0.001
+        if op == "write":
+            scratch[:size] = bytes([fill]) * size
+            if size:
+                scratch[size // 2] = (fill + 1) % 256
+            body = bytes(scratch[:size])
+            kind = i % 3  # a bytearray, a memoryview of it, or bytes
+            given_body = (scratch[:size], memoryview(scratch)[:size], body)[kind]
+            writer.write(t, i * P, given_body)
+            scratch[:size] = bytes(size)  # the caller reuses its buffer at once
+            expected.append(("write", i * P, size, body))
+        elif op == "read":
+            writer.read(t, i * P, size)
+            expected.append(("read", i * P, size, None))
+        elif op == "discard":
+            writer.discard(t, i * P, size)
+            expected.append(("discard", i * P, size, None))
+        elif op == "event":
+            writer.event(t, "set", note="x" * size)
+            expected.append(("event", 0, -1, None))
+        else:
+            writer.flush()
+    writer.close(t + 1)
+    with TraceReader(path) as reader:
+        got = list(reader)
+    assert len(got) == len(expected)
+    for record, (op, offset, length, body) in zip(got, expected, strict=True):
+        assert record.op == op
+        if op == "event":
+            assert record.event == "set" and record.fields is not None
+            continue
+        assert (record.offset, record.length, record.data) == (offset, length, body)
