@@ -226,3 +226,17 @@ def test_the_trace_writer_keeps_each_record_as_it_was_when_recorded(
             assert record.event == "set" and record.fields is not None
             continue
         assert (record.offset, record.length, record.data) == (offset, length, body)
+
+
+@pytest.mark.xfail(strict=True, reason="--plot DIR exits 0 and matplotlib writes DIR.png beside "
+                   "the directory (savefig appends the format to a name without a suffix)")
+def test_a_plot_into_a_directory_is_refused_in_one_line(
+        tmp_path: Path, trace_bytes: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "node.trace"
+    path.write_bytes(trace_bytes)
+    target = tmp_path / "plots"
+    target.mkdir()
+    code, out, err = cli(capsys, str(path), "--plot", str(target))
+    assert not (tmp_path / "plots.png").exists(), "wrote a file the user did not name"
+    assert code == 2 and not out and err.count("\n") == 1
