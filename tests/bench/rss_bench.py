@@ -45,10 +45,19 @@ The pool's books in flat arrays in their own mapping (tuned) against a Python ob
     2     old      36.4   83.7   79.8 (48.0)    15.9        4.6          43.5
     2     tuned    36.8   79.2   67.4 (48.0)    16.6        6.9          28.3
 
-(idle: heap 7, other anon 14). Less is left in the interpreter's own mappings (pymalloc's
-arenas are among "other anon"), but this workload -- 320 MiB, two verify passes -- still
-leaves 59-67 MB, above the bound; the soak test's three 256 MiB single-pass workloads leave
-43-44 MB (tests/e2e/test_soak.py).
+(idle: heap 7, other anon 14; at that time something outside the pool left either build far
+above the bound.) Later, on one tree with either pool, the soak test's three 256 MiB
+single-pass workloads on one daemon (--mib 256 --passes 1 --per-daemon 3, load 1.5):
+
+    round variant  idle   peak  after (bound)  [heap]  thread arenas  other anon
+    1.1   tuned    36.8   43.1   43.2 (48.0)     8.1        1.0            9.2
+    1.2   tuned    43.2   43.9   43.1 (48.0)     8.1        1.1            9.0
+    1.3   tuned    43.1   43.5   43.0 (48.0)     8.1        1.2            9.1
+    1.1   old      36.6   50.3   49.3 (48.0)     8.7        0.8           19.3
+    1.2   old      49.3   55.2   50.7 (48.0)     9.1        0.8           20.2
+    1.3   old      50.7   51.2   50.5 (48.0)     9.1        0.8           20.1
+
+(the array books' own mapping: 2.1 MB resident after the workloads.)
 
 Needs root, /dev/fuse, loop devices and a memory cgroup. Everything set up is undone in
 ``finally`` blocks (the e2e Harness): cgroups, swapoff, losetup -d, the daemons it started.
