@@ -18,6 +18,16 @@ and the same writes on a device in this process, for what the table alone costs:
 page table before it followed the stored pages cost 10 B per advertised page up front (40 GB
 for 15 TiB: OOM-killed at start; 2.65 GB RSS idle for 1 TiB).
 
+Measured here (2-CPU host, load 1.4-1.9, 256 MiB of real pages, 59513 stored, 128 chunks):
+
+    in process   15T over 1G: built in 1.7 ms; empty table 5.5 KB (fixed_bytes 6.2 KB);
+                 11.55 B of table per stored page (10.4 B per page slot; zero pages take none)
+    cramfsd      ready in 0.31 s; idle VmRSS 34.4 MB (Pss_Anon 21.7 MB); after the writes
+                 161.9 MB with 122.2 MB of pool: RSS beyond the pool grew 88.6 B per page
+
+Same run of the daemon rows with ``--size 64G`` (alternating, 09:21 UTC): this tree grew
+89.6-89.9 B per stored page beyond the pool, the tree before the device's split 89.8-92.6 B.
+
 Needs root and /dev/fuse; the daemon it starts is stopped in ``finally`` (the e2e Harness).
 """
 
