@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cramfs.device import CompressedDevice
 from cramfs.storm import RefusalStorm
@@ -16,3 +17,6 @@ class DeviceEntry:
     device: CompressedDevice
     storm: RefusalStorm = field(default_factory=RefusalStorm)  # the kernel's retry loop
     trace: TraceWriter | None = None  # recording its traffic (daemon.recording)
+    # The daemon's own mount: a trace may not be written into it (the daemon would wait on
+    # itself to serve its own trace file).
+    mountpoint: Path | None = None

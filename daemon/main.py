@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from cramfs.device import CompressedDevice
+from cramfs.sizes import format_size
 from cramfs.timing import Timing
 from daemon import config as configuration
 from daemon import kinds, recording, system
@@ -135,11 +136,16 @@ def prepare_mountpoint(path: Path, key: str) -> None:
 
 def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
     """The device of the spec's kind (daemon.kinds); exit 2 naming a key the machine refused
-    (a backing file that cannot be created)."""
+    (a backing file that cannot be created, a pool it cannot map)."""
     try:
         return spec.settings.build(spec.device)
     except kinds.SettingError as exc:
         raise UsageError(f"device.{spec.name}.{exc.key}: {exc}") from None
+    except (OSError, OverflowError, MemoryError) as exc:  # the pool's memfd or its mapping
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"device.{spec.name}.pool: {format_size(spec.device.pool)}: this "
+                         f"machine cannot map a pool that large "
+                         f"({reason or type(exc).__name__})") from None
 
 
 # What a SIGHUP applies at once and what needs a restart, of the DeviceConfig fields every
@@ -190,7 +196,8 @@ class Daemon:
         self.config = config
         self.args = args  # re-applied on reload: command-line overrides win over the file
         self.metrics: Metrics | None = None
-        self.entries = [DeviceEntry(spec.name, spec.kind, make_device(spec))
+        self.entries = [DeviceEntry(spec.name, spec.kind, make_device(spec),
+                                    mountpoint=config.mountpoint)
                         for spec in config.devices]
         for spec, entry in zip(config.devices, self.entries, strict=True):
             if spec.trace is not None:

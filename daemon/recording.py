@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ def start(entry: DeviceEntry, path: Path) -> None:
         raise ValueError(f"{entry.name} is already recording to {entry.trace.path}")
     if not path.is_absolute():
         raise ValueError(f"the trace file must be an absolute path, got {str(path)!r}")
+    if entry.mountpoint is not None and inside(path, entry.mountpoint):
+        raise ValueError(f"the trace file {str(path)!r} is inside the daemon's own mount "
+                         f"{str(entry.mountpoint)!r}")
     device = entry.device
     backing = getattr(device.backing, "path", None)
     try:
@@ -35,6 +39,40 @@ def start(entry: DeviceEntry, path: Path) -> None:
     except TraceError as exc:
         raise ValueError(str(exc)) from None
     log.info("%s: recording to %s", entry.name, path)
+
+
+def inside(path: Path, mountpoint: Path) -> bool:
+    """Whether ``path`` (absolute) names something under ``mountpoint``, symlinks followed.
+
+    Written for the daemon's own thread: it never touches anything under the mountpoint,
+    since looking there would be a request the daemon itself must answer. Only components
+    outside the mount are lstat'ed, to follow a symlink that could lead in."""
+    mount = os.path.normpath(mountpoint)
+    current = os.path.normpath(path)
+    for _ in range(40):  # the kernel's own limit on symlinks in one lookup
+        if _under(current, mount):
+            return True
+        for prefix in _prefixes(current):
+            if _under(prefix, mount):
+                return True
+            if os.path.islink(prefix):
+                rest = os.path.relpath(current, prefix)
+                target = os.path.join(os.path.dirname(prefix), os.readlink(prefix))
+                current = os.path.normpath(os.path.join(target, rest))
+                break
+        else:
+            return False
+    return True  # a symlink loop: refuse rather than guess
+
+
+def _under(path: str, mount: str) -> bool:
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+def _prefixes(path: str) -> list[str]:
+    """"/a/b/c" -> ["/a", "/a/b", "/a/b/c"]."""
+    parts = [part for part in path.split("/") if part]
+    return ["/" + "/".join(parts[:n]) for n in range(1, len(parts) + 1)]
 
 
 def stop(entry: DeviceEntry) -> None:

@@ -334,9 +334,6 @@ def test_sighup_applies_runtime_keys_and_a_bad_file_changes_nothing(start_daemon
     assert "restart" in daemon.log()
 
 
-@pytest.mark.xfail(strict=True, reason="trace start into a file of the daemon's own mount "
-                   "(<mnt>/DEV/data) deadlocks the daemon: it opens the file on its own FUSE "
-                   "thread and waits on itself")
 def test_a_trace_into_the_mount_itself_is_refused_and_the_daemon_keeps_serving(start_daemon):
     """The daemon writes its trace from its own thread: a trace file inside its own mount
     (a device's data file) would have it wait on itself."""
@@ -360,9 +357,6 @@ def test_a_trace_into_the_mount_itself_is_refused_and_the_daemon_keeps_serving(s
     assert read_attr(m, "big", "trace") == "off"
 
 
-@pytest.mark.xfail(strict=True, reason="pool = \"64T\" (more than the machine can map) makes "
-                   "cramfsd exit 1 with an OSError traceback from ZsPool instead of exit 2 "
-                   "naming device.big.pool")
 def test_a_pool_the_machine_cannot_map_exits_2_naming_the_key(require, daemon_command,
                                                               tmp_path):
     require("daemon")
@@ -417,13 +411,7 @@ def test_sighup_on_zswap_applies_its_percentages_and_refuses_what_it_cannot_take
         os.close(fd)
 
 
-@pytest.mark.parametrize("size", [
-    "1G",
-    pytest.param("15T", marks=pytest.mark.xfail(
-        strict=True, reason="zswap's CLOCK charges absent chunks to its scan budget: on a 15 "
-        "TiB device the shrinker never reaches pages at the far end (written_back_pages "
-        "stays 0, the pool stays over max_pool_percent)")),
-])
+@pytest.mark.parametrize("size", ["1G", "15T"])
 def test_zswap_shrinker_writes_back_pages_at_the_far_end(start_daemon, tmp_path, size):
     backing = tmp_path / "zb.img"
     daemon = start_daemon(node_config(size=size, pool="8M", kind="zswap", policy="none",

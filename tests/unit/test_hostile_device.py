@@ -173,8 +173,6 @@ def test_a_flood_far_out_is_refused_without_leaving_chunks_behind() -> None:
         dev.close()
 
 
-@pytest.mark.xfail(strict=True, reason="submit_read draws an injected error before the range "
-                   "check: an out-of-range read is EIO, not OutOfRange, and invalid_io misses it")
 def test_an_out_of_range_read_request_is_out_of_range_even_with_injected_errors() -> None:
     """check_range's contract: every entry point, the request jobs included, runs it before
     anything else; submit_write does (EFBIG before an injected error), submit_read does not."""
@@ -192,9 +190,6 @@ def test_an_out_of_range_read_request_is_out_of_range_even_with_injected_errors(
         dev.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a pool the machine cannot map (pool = \"64T\") escapes "
-                   "make_device as OSError ENOMEM (a traceback from cramfsd) instead of exit 2 "
-                   "naming device.NAME.pool")
 def test_a_pool_the_machine_cannot_map_is_refused_naming_the_key() -> None:
     from daemon import config, main
 
@@ -229,9 +224,6 @@ def test_zswap_writes_back_far_end_pages_of_a_small_device(tmp_path: Path) -> No
     assert written > 0 and not needs
 
 
-@pytest.mark.xfail(strict=True, reason="zswap's CLOCK charges absent chunks to max_scan: on a "
-                   "15 TiB device the hand needs ~245k shrinker runs to reach stored pages, so "
-                   "the pool stays over its limit and writeback writes nothing")
 def test_zswap_writes_back_far_end_pages_of_a_15_tib_device(tmp_path: Path) -> None:
     written, needs = _zswap_far_end_writeback(15 * TiB, tmp_path)
     assert written > 0 and not needs

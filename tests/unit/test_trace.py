@@ -347,3 +347,23 @@ def test_the_daemon_records_each_answer_with_its_status(tmp_path: Path) -> None:
                    ("read", 2 * P, STATUS_IO_ERROR, None, None),
                    ("discard", 0, STATUS_OK, None, None),
                    ("event", 0, STATUS_OK, "fault", {"op": "read"})]
+
+
+def test_a_trace_path_inside_the_daemons_own_mount_is_recognised_without_looking_in_it(
+        tmp_path: Path) -> None:
+    """recording.inside never stats under the mountpoint (that would be a request the daemon
+    must answer itself), but follows symlinks outside it that lead in."""
+    from daemon.recording import inside
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "into").symlink_to(mount / "swap0")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert inside(mount / "swap0" / "data", mount)
+    assert inside(mount, mount)
+    assert inside(tmp_path / "elsewhere" / ".." / "mnt" / "x", mount)
+    assert inside(tmp_path / "into" / "data", mount)
+    assert inside(tmp_path / "loop" / "x", mount)  # a loop is refused, not followed forever
+    assert not inside(tmp_path / "elsewhere" / "t.trace", mount)
+    assert not inside(tmp_path / "mnt2" / "t.trace", mount)
