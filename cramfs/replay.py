@@ -287,6 +287,10 @@ def _construct(make: typing.Callable[[], CompressedDevice],
         return make()
     except (ValueError, TypeError, LookupError) as exc:  # the device refused a value
         raise ReplayError(f"{label(settings)}: {exc}") from None
+    except (OSError, OverflowError, MemoryError) as exc:  # the machine refused the pool
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ReplayError(f"{label(settings)}: pool: this machine cannot map a pool that "
+                          f"large ({reason or type(exc).__name__})") from None
 
 
 CodecKey = tuple[str, int | None, int]  # compressor, level, huge threshold
@@ -1030,8 +1034,18 @@ def load_pyplot() -> Any:
     return importlib.import_module("matplotlib.pyplot")
 
 
+def check_plot_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a plot target that would not end up where the user said: a directory, or a
+    name without ``.png`` (matplotlib would append the format and write beside it)."""
+    if os.path.isdir(path):
+        raise ReplayError(f"{os.fspath(path)}: is a directory; --plot takes FILE.png")
+    if not os.fspath(path).lower().endswith(".png"):
+        raise ReplayError(f"{os.fspath(path)}: --plot writes a PNG: name it FILE.png")
+
+
 def plot(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """Pool use over trace time, one line per variant, with its low and high watermarks."""
+    check_plot_path(path)
     plt = load_pyplot()
     figure, axes = plt.subplots(figsize=(10, 5))
     mib = float(1 << 20)

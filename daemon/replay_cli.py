@@ -17,6 +17,7 @@ from cramfs.replay import (
     ReplayError,
     Settings,
     as_json,
+    check_plot_path,
     load_pyplot,
     parse_settings,
     plot,
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if args.jobs is not None and args.jobs < 1:
             raise ReplayError("--jobs: must be at least 1")
         if args.plot is not None:
-            load_pyplot()  # fail before the replay, not after it
+            check_plot_path(args.plot)  # fail before the replay, not after it
+            load_pyplot()
         results = replay_all(args.trace, variants, args.jobs)
         if args.plot is not None:
             plot(results, args.plot)

@@ -98,12 +98,7 @@ def test_a_bit_flipped_trace_replays_or_is_refused_in_one_line(
     "zero_flush_interval=-1", "zero_flush_interval=1e9", "throttle_max_delay=nan",
     "no_alloc_on_full=2", "size=15T", "kind=zswap", "max_pool_percent=50",
     "POOL=64M", " pool = 64M x",
-    pytest.param("pool=99999999T", marks=pytest.mark.xfail(
-        strict=True, reason="a --set pool past 2**63 bytes escapes as an OverflowError "
-        "traceback from ZsPool's ftruncate instead of a one-line refusal")),
-    pytest.param("pool=64T", marks=pytest.mark.xfail(
-        strict=True, reason="a --set pool the machine cannot map exits 1 with 'TRACE: Cannot "
-        "allocate memory', blaming the trace file, instead of 2 naming the pool setting"))])
+    "pool=99999999T", "pool=64T"])
 def test_bad_set_values_are_refused_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], trace_bytes: bytes,
         text: str) -> None:
@@ -228,8 +223,6 @@ def test_the_trace_writer_keeps_each_record_as_it_was_when_recorded(
         assert (record.offset, record.length, record.data) == (offset, length, body)
 
 
-@pytest.mark.xfail(strict=True, reason="--plot DIR exits 0 and matplotlib writes DIR.png beside "
-                   "the directory (savefig appends the format to a name without a suffix)")
 def test_a_plot_into_a_directory_is_refused_in_one_line(
         tmp_path: Path, trace_bytes: bytes, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
