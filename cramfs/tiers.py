@@ -137,32 +137,36 @@ class BackingTier(PoolTier):
         written = scanned = 0
         hand = self.hand
         target = self.accept_bytes
-        # The hand walks every page (absent chunks count as scanned empty pages, a chunk's
-        # worth at a time), with each chunk's arrays fetched once.
+        # The hand walks the stored chunks in address order, each chunk's arrays fetched
+        # once; absent chunks are jumped over free of the scan budget (on a 15 TiB device
+        # they would otherwise use it up before the hand reached pages stored far out).
         while scanned < max_scan and written < max_pages and pool.used_bytes > target:
             number, start = hand >> chunk_shift, hand & chunk_mask
-            base = hand - start
-            stop = min(chunk_mask + 1, pages - base, start + max_scan - scanned)
             chunk = chunks.get(number)
             if chunk is None:
-                slot = stop
-            else:
-                meta, referenced = chunk.meta, chunk.ref
-                assert referenced is not None  # this table tracks references
-                slot = start
-                while slot < stop:
-                    if written >= max_pages or pool.used_bytes <= target:
-                        break
-                    s = slot
-                    slot += 1
-                    state = meta[s] >> shift
-                    if state != compressed and state != huge:
-                        continue
-                    if referenced[s]:
-                        referenced[s] = 0  # second chance
-                        continue
-                    if self._write_back(base + s):
-                        written += 1
+                if not chunks:
+                    break
+                later = [n for n in chunks if n > number]
+                hand = (min(later) if later else min(chunks)) << chunk_shift
+                continue
+            base = hand - start
+            stop = min(chunk_mask + 1, pages - base, start + max_scan - scanned)
+            meta, referenced = chunk.meta, chunk.ref
+            assert referenced is not None  # this table tracks references
+            slot = start
+            while slot < stop:
+                if written >= max_pages or pool.used_bytes <= target:
+                    break
+                s = slot
+                slot += 1
+                state = meta[s] >> shift
+                if state != compressed and state != huge:
+                    continue
+                if referenced[s]:
+                    referenced[s] = 0  # second chance
+                    continue
+                if self._write_back(base + s):
+                    written += 1
             scanned += slot - start
             hand = base + slot
             if hand >= pages:

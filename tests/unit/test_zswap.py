@@ -473,8 +473,9 @@ def test_discard_frees_pool_and_backing_pages_and_punches_the_file(dev):
 
 
 def test_writeback_sweeps_a_sparse_device(tmp_path):
-    """The CLOCK hand walks absent chunks as empty pages (counted against ``max_scan``) and
-    finds pool pages far apart in a device much larger than what it holds."""
+    """The CLOCK hand walks the stored chunks only (absent ones are jumped over without
+    using ``max_scan``) and finds pool pages far apart in a device much larger than what it
+    holds."""
     dev = ZswapDevice(DeviceConfig(size=64 << 30, pool=512 * P),
                       backing_file=tmp_path / "backing.img", max_pool_percent=100,
                       accept_threshold_percent=0)
@@ -484,7 +485,8 @@ def test_writeback_sweeps_a_sparse_device(tmp_path):
             dev.write(i * P, text_page(i))
         assert dev.writeback(max_pages=1000, max_scan=1000) == 0  # clears bits 5, 511, 512
         assert dev._hand == 1000
-        assert dev.writeback(max_pages=1000, max_scan=dev.pages - 1000) == 0  # the rest
+        # the rest of chunk 1, then straight to the two far chunks: 24 + 512 + 512 pages
+        assert dev.writeback(max_pages=1000, max_scan=24 + 2 * pt.CHUNK_PAGES) == 0
         assert dev._hand == 0
         assert dev.writeback(max_pages=2, max_scan=dev.pages) == 2
         assert [dev.table.state(i) for i in far] == [pt.BACKING] * 2 + [pt.COMPRESSED] * 3
