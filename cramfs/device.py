@@ -378,12 +378,13 @@ class CompressedDevice:
 
     def submit_read(self, offset: int, length: int,
                     buffers: Callable[[int], bytearray | None] | None = None) -> ReadJob:
-        """Start a read request: an injected error drawn, then either the whole read done
-        here (a small one: a swap-in page) or the pages copied out of the pool and their
-        decompression left to ``job.offload``. ``buffers(size)`` may hand in a reply buffer
-        of that size to decode into (see ``fetch``)."""
+        """Start a read request: the range checked, an injected error drawn, then either the
+        whole read done here (a small one: a swap-in page) or the pages copied out of the pool
+        and their decompression left to ``job.offload``. ``buffers(size)`` may hand in a reply
+        buffer of that size to decode into (see ``fetch``)."""
         shaped = self.faults.timing.active
         if shaped:
+            self.check_range(offset, length)  # out of range is EINVAL, never a drawn error
             self.faults.inject("read")
         job = ReadJob(self, length, shaped)
         if length < OFFLOAD_MIN_BYTES:
