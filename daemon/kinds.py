@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Self
 import trio
 
 from cramfs.device import CompressedDevice, DeviceConfig
+from cramfs.stats import ZSWAP_DEBUGFS_FIELDS
 from cramfs.zswap import (
     DEFAULT_ACCEPT_THRESHOLD_PERCENT,
     DEFAULT_MAX_POOL_PERCENT,
@@ -142,11 +143,8 @@ NODE_FILES: tuple[Attribute, ...] = (
               doc="pages the host released by discard: the device's media zero (trim)"),
 )
 
-# zswap's debugfs counters, one file each (the keys of ZswapDevice.debugfs()).
-ZSWAP_COUNTERS = ("pool_limit_hit", "reject_reclaim_fail", "reject_alloc_fail",
-                  "reject_kmemcache_fail", "reject_compress_fail", "reject_compress_poor",
-                  "decompress_fail", "written_back_pages", "pool_total_size", "stored_pages",
-                  "stored_incompressible_pages")
+# zswap's debugfs counters, one file each: the device's own table of their names.
+ZSWAP_COUNTERS = ZSWAP_DEBUGFS_FIELDS
 
 
 def _zswap(entry: DeviceEntry) -> ZswapDevice:
