@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 # zram stores a page raw ("huge") once its compressed form would land in zsmalloc's
 # largest size classes; with 4 KiB pages that cut-off (huge_class_size) is about 3.2 KiB.
 DEFAULT_HUGE_THRESHOLD = 3264
+# The lowest cut-off a device takes (DeviceConfig): below it nearly every page a swap workload
+# writes would be stored raw, a pool that compresses nothing. The codec itself works down to 1
+# (the estimator and the batch-path tests use small cut-offs to force raw pages).
+MIN_DEVICE_HUGE_THRESHOLD = 256
 
 # Batches at least this many pages long use more than one thread: encode_pages hands half to a
 # persistent worker, decode_joined hands the compressed pages to zstd's batch decoder.

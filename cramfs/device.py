@@ -23,7 +23,13 @@ from cramfs import pagetable as pt
 from cramfs.backing import BackingStore
 from cramfs.books import RELEASED_OWNER as RELEASED_OWNER
 from cramfs.books import Books
-from cramfs.codec import DEFAULT_HUGE_THRESHOLD, Codec, Encoded, same_fill
+from cramfs.codec import (
+    DEFAULT_HUGE_THRESHOLD,
+    MIN_DEVICE_HUGE_THRESHOLD,
+    Codec,
+    Encoded,
+    same_fill,
+)
 from cramfs.control import WriteControl
 from cramfs.errors import BackingError, OutOfRange
 from cramfs.faults import Faults, Mend
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
     from cramfs.codec import PlanItem, Run
 
 SAFE_RESERVE_BLOCKS = 4  # headroom safe_pages keeps back, in the allocator's largest blocks
+# The longest a throttled write is held, seconds: a minute per write is already a hung swap.
+MAX_THROTTLE_DELAY = 60.0
 
 
 @dataclass
@@ -75,6 +83,16 @@ class DeviceConfig:
             raise ValueError("size must be below 16 TiB")
         if not 0 <= self.zero_flush_interval <= 3600:
             raise ValueError("zero_flush_interval must be 0..3600 seconds")
+        delay = self.throttle_max_delay
+        if isinstance(delay, bool) or not isinstance(delay, int | float) \
+                or not 0 <= delay <= MAX_THROTTLE_DELAY:
+            raise ValueError(f"throttle_max_delay must be seconds in 0..{MAX_THROTTLE_DELAY:g}, "
+                             f"got {delay!r}")
+        huge = self.huge_threshold
+        if isinstance(huge, bool) or not isinstance(huge, int) \
+                or not MIN_DEVICE_HUGE_THRESHOLD <= huge <= PAGE_SIZE:
+            raise ValueError(f"huge_threshold must be an integer in "
+                             f"{MIN_DEVICE_HUGE_THRESHOLD}..{PAGE_SIZE}, got {huge!r}")
         self.level = compressors.validate(self.compressor, self.level)
 
 

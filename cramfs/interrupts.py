@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from cramfs.timing import check_seed
+
 
 @dataclass(frozen=True)
 class InterruptConfig:
@@ -27,9 +29,7 @@ class InterruptConfig:
                     or not 0 <= value <= top:
                 raise ValueError(f"interrupts.{name} must be a number within 0..{top:g}, "
                                  f"got {value!r}")
-        if self.seed is not None and (isinstance(self.seed, bool)
-                                      or not isinstance(self.seed, int)):
-            raise ValueError(f"interrupts.seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed, "interrupts.seed")
 
 
 class InterruptLine:

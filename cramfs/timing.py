@@ -14,6 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 OPS = ("read", "write")
+# A seed is stored in a trace and a TOML file as a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Refuse a seed that is not None or an integer in 0..MAX_SEED (a bool is not one)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r}")
 
 
 @dataclass
@@ -36,6 +45,7 @@ class TimingConfig:
             rate = getattr(self, f"{op}_error_rate")
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{op}_error_rate must be within 0..1, got {rate}")
+        check_seed(self.seed)
 
     @property
     def active(self) -> bool:

@@ -331,7 +331,14 @@ def test_bad_timing(line, key):
     ("timing", "seed = -1", "timing.seed"),
     ("interrupts", "drop_rate = 1.5", "interrupts.drop_rate"),
     ("interrupts", 'delay = "1s"', "interrupts.delay"),
-    ("interrupts", "delay = 3601", "interrupts.delay")])
+    ("interrupts", "delay = 3601", "interrupts.delay"),
+    ("interrupts", "seed = -1", "interrupts.seed"),
+    ("timing", "seed = 9223372036854775808", "timing.seed"),
+    ("interrupts", "seed = true", "interrupts.seed"),
+    ("watermarks", "throttle_max_delay = -0.5", "watermarks.throttle_max_delay"),
+    ("watermarks", "throttle_max_delay = 60.5", "watermarks.throttle_max_delay"),
+    ("", "huge_threshold = 255", "huge_threshold"),
+    ("", "huge_threshold = 4097", "huge_threshold")])
 def test_ranges_are_the_devices_and_the_message_names_the_key(table, line, key):
     """config checks types; the object a value configures checks its range, and the config's
     message still names the one key and says the range once."""
@@ -346,11 +353,15 @@ def test_ranges_are_the_devices_and_the_message_names_the_key(table, line, key):
 def test_values_in_range_reach_the_device():
     body = ('kind = "swap"\nsize = "64M"\npool = "16M"\nzero_flush_interval = 3600\n'
             "\n[device.swap0.timing]\nread_latency = 60\nwrite_error_rate = 1\n"
-            "\n[device.swap0.interrupts]\ndelay = 0.5\ndrop_rate = 1\n")
+            "seed = 9223372036854775807\n"
+            "\n[device.swap0.interrupts]\ndelay = 0.5\ndrop_rate = 1\nseed = 0\n"
+            "\n[device.swap0.watermarks]\nthrottle_max_delay = 60\n")
     dev = parse(device(body)).devices[0].device
     assert dev.zero_flush_interval == 3600
     assert (dev.timing.read_latency, dev.timing.write_error_rate) == (60, 1)
     assert (dev.interrupts.delay, dev.interrupts.drop_rate) == (0.5, 1)
+    assert (dev.timing.seed, dev.interrupts.seed) == (2**63 - 1, 0)
+    assert dev.throttle_max_delay == 60
 
 
 # -- a size the machine could never describe ----------------------------------------------

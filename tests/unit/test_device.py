@@ -91,6 +91,29 @@ def test_bad_config(kwargs):
         DeviceConfig(**kwargs)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("throttle_max_delay", -0.01), ("throttle_max_delay", 60.5),
+    ("throttle_max_delay", float("nan")), ("throttle_max_delay", True),
+    ("huge_threshold", 255), ("huge_threshold", PAGE_SIZE + 1), ("huge_threshold", 0),
+    ("huge_threshold", True), ("huge_threshold", 1024.0)])
+def test_config_refuses_a_value_out_of_its_range_naming_it(key, value):
+    """The device owns these ranges (the TOML config only checks types): a delay of a minute
+    per write is already a hung swap, and below a 256-byte cut-off nearly every page is raw."""
+    with pytest.raises(ValueError, match=f"^{key} must be"):
+        DeviceConfig(size=P, pool=P, **{key: value})
+
+
+@pytest.mark.parametrize("key, value", [("throttle_max_delay", 0), ("throttle_max_delay", 60),
+                                        ("huge_threshold", 256),
+                                        ("huge_threshold", PAGE_SIZE)])
+def test_config_takes_the_ends_of_each_range(key, value):
+    config = DeviceConfig(size=P, pool=P, **{key: value})
+    assert getattr(config, key) == value
+    dev = CompressedDevice(config)
+    held = dev.codec.huge_threshold if key == "huge_threshold" else dev.throttle_max_delay
+    assert held == value
+
+
 def test_bad_watermarks_in_config():
     with pytest.raises(ValueError):
         make(low=0.9, high=0.8)

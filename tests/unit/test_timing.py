@@ -10,7 +10,8 @@ from cramfs import PAGE_SIZE
 from cramfs import pagetable as pt
 from cramfs.device import CompressedDevice, DeviceConfig
 from cramfs.errors import InjectedFault
-from cramfs.timing import Timing, TimingConfig
+from cramfs.interrupts import InterruptConfig
+from cramfs.timing import MAX_SEED, Timing, TimingConfig
 
 P = PAGE_SIZE
 
@@ -27,6 +28,20 @@ class FakeClock:
 
 
 # -- TimingConfig ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, name", [(TimingConfig, "seed"),
+                                         (InterruptConfig, "interrupts.seed")])
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, True, "1", 1.0])
+def test_a_seed_outside_a_signed_64_bit_integer_is_refused(make, name, seed):
+    with pytest.raises(ValueError, match=f"^{name} must be an integer in 0..{MAX_SEED}"):
+        make(seed=seed)
+
+
+@pytest.mark.parametrize("make", [TimingConfig, InterruptConfig])
+@pytest.mark.parametrize("seed", [None, 0, MAX_SEED])
+def test_a_seed_within_range_is_kept(make, seed):
+    assert make(seed=seed).seed == seed
+
 
 def test_default_config_is_inactive():
     config = TimingConfig()
