@@ -87,8 +87,9 @@ def tune_allocator() -> bool:
     three 256 MiB workloads on one daemon: 5 -> 9 arenas with those objects, 7 throughout
     with the arrays). Still needed: with the array books, 320 MiB workloads left 70.4 / 70.1
     MB beyond the pools with glibc's defaults against 59.5-60.6 MB with these settings
-    (rss_bench, 2 alternating rounds). On a later tree three 256 MiB workloads left 43 MB
-    (main heap 8 MB, 7 idle; thread arena 1 MB).
+    (rss_bench, 2 alternating rounds). On a later tree, three 256 MiB workloads on one daemon
+    left 42.4 / 42.9 / 42.6 MB with these settings (main heap 8 MB, 7 idle) and 47.5 / 62.3 /
+    64.9 MB with glibc's defaults (main heap 13 -> 30 MB): the tuning stays.
     Returns False (and logs) where mallopt is missing or refuses a parameter.
     """
     mallopt = getattr(_libc, "mallopt", None)
