@@ -34,6 +34,9 @@ from cramfs.control import WriteControl
 from cramfs.errors import BackingError, OutOfRange
 from cramfs.faults import Faults, Mend
 from cramfs.interrupts import InterruptConfig, InterruptLine
+from cramfs.jobs import OFFLOAD_MIN_BYTES as OFFLOAD_MIN_BYTES
+from cramfs.jobs import ReadJob, WriteJob
+from cramfs.node import NodeView
 from cramfs.stats import REJECT_FULL as REJECT_FULL
 from cramfs.stats import REJECT_GATE as REJECT_GATE
 from cramfs.stats import REJECT_REASONS as REJECT_REASONS
@@ -48,7 +51,6 @@ from cramfs.zspool import MAX_FRAMES_PER_BLOCK, PoolExhausted, ZsPool
 if TYPE_CHECKING:
     from cramfs.codec import PlanItem, Run
 
-SAFE_RESERVE_BLOCKS = 4  # headroom safe_pages keeps back, in the allocator's largest blocks
 # The longest a throttled write is held, seconds: a minute per write is already a hung swap.
 MAX_THROTTLE_DELAY = 60.0
 
@@ -125,95 +127,6 @@ class ReadPlan:
     buffer: bool = False  # decode may return ``out`` (or a view of it) rather than bytes
 
 
-
-# Requests from this size up compress (writes) or decompress (reads) on a worker thread; a
-# smaller one (a swap page) is served whole on the caller's thread, where the hand-off would
-# cost more than the work.
-OFFLOAD_MIN_BYTES = 64 * 1024
-
-
-class WriteJob:
-    """A write request as the device serves it: the caller runs ``offload`` (when not None:
-    pure compression, safe on any thread) off its own thread, then ``finish`` on it (the
-    commit). Anything refused is raised by ``submit_write`` or ``finish``. ``delay`` is how
-    long to hold the reply afterwards (throttle, emulated latency and bandwidth).
-
-    A job holds no reference to itself (``offload`` is made on each access, not kept): a
-    cycle would keep the request's buffers alive until the cycle collector ran, and under
-    mlockall every such byte stays resident. (tests/bench/sparse_bench.py, 64G node, 256 MiB
-    of 1 MiB writes: with jobs that kept ``offload`` as a bound method, RSS beyond the pool
-    grew 380-398 B per stored page, against 90-93 B before the jobs existed and 89.6-89.9 B
-    with jobs as they are, same runs.)"""
-
-    __slots__ = ("device", "offset", "data", "nbytes", "shaped", "plan", "result")
-
-    def __init__(self, device: CompressedDevice, offset: int, data: bytes | memoryview,
-                 shaped: bool) -> None:
-        self.device = device
-        self.offset = offset
-        self.data: bytes | memoryview | None = data  # until compressed
-        self.nbytes = len(data)
-        self.shaped = shaped
-        self.plan: WritePlan | None = None
-        self.result: WriteResult | None = None
-
-    @property
-    def offload(self) -> Callable[[], None] | None:
-        return self.compress if self.data is not None and self.result is None else None
-
-    def compress(self) -> None:
-        assert self.data is not None
-        self.plan = self.device._prepare(self.offset, self.data)
-        self.data = None
-
-    def finish(self) -> WriteResult:
-        if self.result is None:
-            assert self.plan is not None, "finish before the offloaded step ran"
-            self.result = self.device.commit_write(self.plan)
-            self.plan = None
-        return self.result
-
-    def delay(self) -> float:
-        assert self.result is not None
-        extra = self.device.io_delay("write", self.nbytes) if self.shaped else 0.0
-        return self.result.delay + extra
-
-
-class ReadJob:
-    """A read request as the device serves it: ``offload`` (when not None: decompression,
-    safe on any thread) off the caller's thread, then ``finish`` for the bytes. ``reply`` is
-    the buffer the bytes may live in (a reused one the caller handed in), to be given back
-    once they are sent. Like WriteJob, it holds no reference to itself."""
-
-    __slots__ = ("device", "length", "shaped", "plan", "data")
-
-    def __init__(self, device: CompressedDevice, length: int, shaped: bool) -> None:
-        self.device = device
-        self.length = length
-        self.shaped = shaped
-        self.plan: ReadPlan | None = None
-        self.data: bytes | None = None
-
-    @property
-    def offload(self) -> Callable[[], None] | None:
-        return self.decompress if self.plan is not None and self.data is None else None
-
-    def decompress(self) -> None:
-        assert self.plan is not None
-        self.data = self.device.decode(self.plan)
-
-    def finish(self) -> bytes:
-        assert self.data is not None, "finish before the offloaded step ran"
-        return self.data
-
-    @property
-    def reply(self) -> bytearray | None:
-        return self.plan.out if self.plan is not None else None
-
-    def delay(self) -> float:
-        return self.device.io_delay("read", self.length) if self.shaped else 0.0
-
-
 _INPLACE = -1  # phase-1 marker: reuse the page's current slot
 _FAILED = -2  # phase-1 marker: did not fit
 _BACKING = -3  # phase-1 marker: the tier spilled it (zswap's backing file)
@@ -245,6 +158,8 @@ class CompressedDevice:
         self.control = WriteControl(self.stats, self.watermarks, config.policy,
                                     config.throttle_max_delay, config.no_alloc_on_full,
                                     refuses=self.REFUSES_WRITES)
+        self.node_view = NodeView(self.size, self.pool, self.books, self.watermarks,
+                                  self.control)
         # Where pages go: the pool only; zswap plugs in the pool + backing file tier.
         self.tier: PoolTier = PoolTier()
         self._pending: dict[int, int] = {}
@@ -1107,47 +1022,31 @@ class CompressedDevice:
 
     def effective_ratio(self) -> float:
         """Original bytes per pool byte in use: the ratio the capacity lie depends on."""
-        used = self.pool.used_bytes
-        return (self.pages_stored << PAGE_SHIFT) / used if used else 0.0
+        return self.node_view.effective_ratio()
 
     def allocator_efficiency(self) -> float:
         """Compressed bytes / pool bytes in use (1.0 when empty)."""
         used = self.pool.used_bytes
         return self.compr_data_size / used if used else 1.0
 
+    # -- the node as its driver sees it (cramfs.node) ----------------------------------------
     def headroom(self) -> int:
-        return self.watermarks.headroom(self.pool.used_bytes)
-
-    # -- the node as its driver sees it ------------------------------------------------------
-    def zratio(self) -> float:
-        """The ratio the device promises: advertised over real capacity."""
-        return self.size / self.pool.capacity
-
-    def safe_pages(self) -> int:
-        """Pages of the present average compressibility that still fit before usage crosses
-        ``high`` (with nothing in the pool, at the promised ratio): what a driver asks before
-        placing a batch. 0 at or above high, or while the gate is closed."""
-        if self.control.no_alloc:
-            return 0
-        # The pool grows a block at a time (up to MAX_FRAMES_PER_BLOCK frames), not an object
-        # at a time: keep a few largest blocks of the headroom back, or a batch that opens new
-        # blocks near the line crosses it (measured: 16 of 58 batches sized at half of an
-        # unreserved estimate crossed high on a 16 MiB node).
-        headroom = max(0, self.headroom() - SAFE_RESERVE_BLOCKS * MAX_FRAMES_PER_BLOCK
-                       * PAGE_SIZE)
-        ratio = self.effective_ratio() if self.pool.used_bytes else self.zratio()
-        return int(headroom * ratio) >> PAGE_SHIFT
-
-    def balloon_pages(self) -> int:
-        """Pages of advertised capacity the OS should withhold so what remains is backed at
-        the ratio achieved so far (never above the promised one); 0 with nothing stored."""
-        if not self.pool.used_bytes:
-            return 0
-        backed = self.pool.capacity * min(self.effective_ratio(), self.zratio())
-        return max(0, int(self.size - backed)) >> PAGE_SHIFT
+        return self.node_view.headroom()
 
     def pressure(self) -> int:
-        return self.watermarks.pressure(self.pool.used_bytes)
+        return self.node_view.pressure()
+
+    def zratio(self) -> float:
+        """The ratio the device promises: advertised over real capacity."""
+        return self.node_view.zratio()
+
+    def safe_pages(self) -> int:
+        """Pages that still fit before usage crosses ``high`` (NodeView.safe_pages)."""
+        return self.node_view.safe_pages()
+
+    def balloon_pages(self) -> int:
+        """Advertised pages the OS should withhold (NodeView.balloon_pages)."""
+        return self.node_view.balloon_pages()
 
     def recount(self) -> dict[str, int]:
         """Recompute the gauges from the page table (slow; for tests and audits)."""

@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from cramfs import PAGE_SIZE
-from cramfs.device import REJECT_GATE, SAFE_RESERVE_BLOCKS, CompressedDevice, DeviceConfig
+from cramfs.device import REJECT_GATE, CompressedDevice, DeviceConfig
 from cramfs.errors import WriteRejected
 from cramfs.interrupts import InterruptConfig, InterruptLine
+from cramfs.node import SAFE_RESERVE_BLOCKS, NodeView
 from cramfs.storm import RefusalStorm
 from cramfs.watermarks import Policy, State
 from cramfs.zspool import MAX_FRAMES_PER_BLOCK
@@ -66,6 +67,22 @@ def test_well_compressing_data_keeps_the_balloon_empty():
     assert dev.balloon_pages() == 0  # the achieved ratio is capped at the promised one
     expected = int((dev.headroom() - RESERVE) * dev.effective_ratio()) // P
     assert dev.safe_pages() == expected > 0
+
+
+def test_the_node_view_reads_the_parts_live_and_the_device_answers_with_it():
+    """NodeView only reads: what the device stores and the gate it closes show at once."""
+    dev = node()
+    view = NodeView(dev.size, dev.pool, dev.books, dev.watermarks, dev.control)
+    asked = ("zratio", "effective_ratio", "headroom", "pressure", "safe_pages", "balloon_pages")
+    for data in (text(16), rand(48, seed=1)):
+        dev.write(dev.pages_stored * P, data)
+        assert {name: getattr(view, name)() for name in asked} \
+            == {name: getattr(dev, name)() for name in asked}
+    assert view.safe_pages() > 0 and view.balloon_pages() > 0
+    dev.set_no_alloc(True)
+    assert view.safe_pages() == dev.safe_pages() == 0
+    dev.set_no_alloc(False)
+    assert view.safe_pages() > 0
 
 
 def test_safe_pages_is_zero_at_or_above_high():
