@@ -2,7 +2,8 @@
 
 Compression is a pure function of the page bytes, so it runs on any thread; zstandard
 releases the GIL, and ``multi_compress_to_buffer`` spreads a batch over several cores
-(seed 002: batch many pages per call, in parallel where the compressor allows).
+(batch many pages per call, in parallel where the compressor allows, as the linux-mm series
+"mm: zswap: Batched zswap_compress()" does in the kernel).
 """
 
 from __future__ import annotations

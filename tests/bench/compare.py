@@ -1,4 +1,4 @@
-"""Side-by-side benchmark (issue 8): cramfs vs nbdkit+nbdfuse vs kernel zram, same data, one run.
+"""Side-by-side benchmark: cramfs vs nbdkit+nbdfuse vs kernel zram, same data, one run.
 
     python tests/bench/compare.py [--mib 64] [--out tests/bench/out] [--quick]
                                   [--data real|synthetic] [--level N] [--no-metrics] [--profile]
@@ -735,7 +735,7 @@ def checks(rows, results: dict, advertised_pages: int,
         check("seq 1M read >= 2x nbdkit", read["cramfs"], read["nbdkit"], 2, True, inflate),
         check("seq 1M write >= 0.5x zram", write["cramfs"], write["zram"], 0.5, True, squeeze),
     ]
-    if squeeze:  # issue 16: most of what zstd alone does on the same pages, same run
+    if squeeze:  # the target: 0.7x of what zstd alone does on the same pages, same run
         out += [check("seq 1M write >= 0.7x zstd alone (all CPUs)", write["cramfs"], squeeze,
                       0.7, True),
                 check("seq 1M read >= 0.7x zstd alone (all CPUs)", read["cramfs"], inflate,
@@ -836,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                     help=f"cramfs's zstd level (default {DEFAULT_LEVEL}, the daemon's default)")
     ap.add_argument("--compressor", default="zstd",
-                    help="cramfs's compressor (issue 14); kernel zram is set to the same one "
+                    help="cramfs's compressor; kernel zram is set to the same one "
                     "when it offers it. Not zstd: no zstd-alone rows, the level is the "
                     "compressor's default unless --level is given")
     ap.add_argument("--cramfsd", default=shutil.which("cramfsd")

@@ -1,4 +1,4 @@
-"""Pool benchmark (issue 2): cramfs's CompressedDevice against kernel zram on the same pages.
+"""Pool benchmark: cramfs's CompressedDevice against kernel zram on the same pages.
 
     python tests/bench/pool_bench.py [--mib N] [--json out.json] [--profile [TOP]]
                                      [--pages FILE] [--workload-only]

@@ -1,4 +1,5 @@
-"""The device's batch paths (issue 16) give exactly what the page-by-page paths give."""
+"""The device's batch paths (one compressor call per request) give exactly what the
+page-by-page paths give."""
 
 from __future__ import annotations
 

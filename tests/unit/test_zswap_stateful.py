@@ -1,4 +1,5 @@
-"""A model check of zswap page placement (seed 001: each page lives in exactly one backend).
+"""A model check of zswap page placement: each page lives in exactly one backend, as in the
+linux-mm RFC "mm, swap: support zswap and zeroswap as vswap backends".
 
 The reference model keeps, per page, its bytes and the backend it must be in as far as the
 model can tell from the page's history (empty, same-filled, pool, backing, or "pool or
