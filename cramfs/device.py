@@ -46,7 +46,7 @@ from cramfs.stats import Stats
 from cramfs.tiers import PoolTier
 from cramfs.timing import Timing, TimingConfig
 from cramfs.watermarks import FailureMode, Policy, State, Watermarks
-from cramfs.zspool import MAX_FRAMES_PER_BLOCK, PoolExhausted, ZsPool
+from cramfs.zspool import PoolExhausted, ZsPool
 
 if TYPE_CHECKING:
     from cramfs.codec import PlanItem, Run
@@ -414,7 +414,7 @@ class CompressedDevice:
             result = WriteResult()
             faults = self.faults
             if not (faults.poisoned or faults.lost or self.zero_flush_interval) \
-                    and self._certainly_fits(1):
+                    and self.pool.certainly_fits(1):
                 notify, huge, poor = self.books.place_run(index, [item], False)
                 counters = self.stats.counters
                 counters.notify_free += notify
@@ -446,7 +446,7 @@ class CompressedDevice:
         control, pool = self.control, self.pool
         control.recheck_full(pool.used_bytes)
         result.delay = control.admit(lambda: self._grows(first, encoded), pool.used_bytes)
-        if control.idle and not self.tier.spills and self._certainly_fits(len(encoded)):
+        if control.idle and not self.tier.spills and self.pool.certainly_fits(len(encoded)):
             # Nothing can refuse this write and every page is certain to fit: one pass.
             faults = self.faults
             if faults.marked:
@@ -491,13 +491,6 @@ class CompressedDevice:
         counters.written_bytes += plan.length
         self._settle(alloc_failed=bool(failed))
         return result
-
-    def _certainly_fits(self, pages: int) -> bool:
-        """Is the pool certain to hold ``pages`` new objects: a frame per page, and a fresh
-        block for each size class they may open?"""
-        pool = self.pool
-        return (pool.total_frames - pool.used_frames
-                >= pages + MAX_FRAMES_PER_BLOCK * min(pages, len(pool.classes)))
 
     def _settle(self, alloc_failed: bool = False) -> None:
         """The end of every change: compact what frees left slack in (never inside a commit

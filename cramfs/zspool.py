@@ -471,6 +471,13 @@ class ZsPool:
             freed += self.compact_class(self.slack.pop())
         return freed
 
+    def certainly_fits(self, objects: int) -> bool:
+        """Is the pool certain to hold ``objects`` new objects of any sizes: a frame each,
+        plus a fresh block for every size class they may open? (A yes lets a caller place
+        them without preparing an undo.)"""
+        return (self.total_frames - self.used_frames
+                >= objects + MAX_FRAMES_PER_BLOCK * min(objects, len(self.classes)))
+
     def growth(self, cls: SizeClass) -> int:
         """Bytes the pool grows by to place one more object of ``cls``: none while one of
         its blocks has a free slot, else a new block."""

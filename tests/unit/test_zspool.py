@@ -277,3 +277,25 @@ def test_reset_max(pool):
     assert pool.max_used_bytes == 4 * FRAME and pool.used_bytes == 0
     pool.reset_max()
     assert pool.max_used_bytes == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_certainly_fits_is_never_wrong(seed):
+    """Whenever the pool says it is certain to hold N objects, N objects of any sizes fit
+    (the device then places them without preparing an undo)."""
+    rng = random.Random(seed)
+    pool = ZsPool(256 * FRAME)
+    try:
+        owner = 0
+        while True:
+            n = rng.randint(1, 8)
+            if not pool.certainly_fits(n):
+                break
+            for _ in range(n):
+                length = rng.randint(1, PAGE_SIZE)
+                pool.store(pool.class_of(length), owner, os.urandom(length))
+                owner += 1
+        assert owner > 0
+        assert not pool.certainly_fits(pool.total_frames)
+    finally:
+        pool.close()
