@@ -27,8 +27,9 @@ alone in C on all CPUs (zstd_ceiling.py): no FUSE, no pool, no Python per page. 
 any cramfs sequential figure can reach here; a target above it is marked so.
 
 Prints a table (rows = metrics; columns cramfs / nbdkit+nbdfuse / zram, cramfs÷nbdkit,
-cramfs÷zram) and PASS/MISS per issue-8 target, writes ``compare.json`` and (with matplotlib:
-``pip install .[bench]``) ``compare.png`` into --out. ``--profile`` also samples cramfsd with
+cramfs÷zram) and PASS/MISS per target (the project's speed and memory aims against the two
+peers), writes ``compare.json`` and (with matplotlib: ``pip install .[bench]``)
+``compare.png`` into --out. ``--profile`` also samples cramfsd with
 py-spy during an extra 4 KiB QD1 random-write run and prints its hottest frames.
 
 Needs root, /dev/fuse, loop devices, a memory cgroup controller, dd, fio, cmp. Installs nothing.
