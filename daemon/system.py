@@ -120,7 +120,10 @@ def set_io_flusher() -> bool:
 
 
 def sd_notify(message: str) -> bool:
-    """Send a state line to $NOTIFY_SOCKET (the documented sd_notify datagram protocol)."""
+    """Send a state line to $NOTIFY_SOCKET (the documented sd_notify datagram protocol).
+
+    Never blocks: a supervisor that stops reading its socket (a full queue) costs a
+    warning and a lost status line, never a daemon frozen inside a SIGHUP."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -129,7 +132,7 @@ def sd_notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message.encode())
+            sock.send(message.encode(), socket.MSG_DONTWAIT)
     except OSError as exc:
         log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], exc)
         return False

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def test_sd_notify_sends_ready(notify_socket):
 def test_sd_notify_multiline(notify_socket):
     assert system.sd_notify("READY=1\nSTATUS=serving swap0")
     assert notify_socket.recv(4096).split(b"\n") == [b"READY=1", b"STATUS=serving swap0"]
+
+
+def test_sd_notify_never_blocks_on_a_supervisor_that_stops_reading(notify_socket):
+    """The kernel queues a few datagrams per socket; past that a blocking send would freeze
+    the daemon. Each send returns at once, the overflow reported as not sent."""
+    started = time.monotonic()
+    sent = [system.sd_notify(f"STATUS=reload {n}") for n in range(200)]
+    assert time.monotonic() - started < 5
+    assert sent[0] is True and sent[-1] is False
+    assert notify_socket.recv(4096) == b"STATUS=reload 0"
 
 
 def test_sd_notify_abstract_socket(monkeypatch):
