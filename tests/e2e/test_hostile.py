@@ -294,21 +294,25 @@ def test_bad_values_in_zswap_tunables_are_einval(start_daemon, tmp_path):
     assert read_attr(m, "big", "write_policy") == "none"
 
 
+def reload_with(daemon, text: str) -> None:
+    """Write ``text`` as the daemon's config, SIGHUP it, and read its RELOADING=1/READY=1
+    as systemd would; the daemon must still be serving."""
+    daemon.config_path.write_text(text)
+    daemon.signal(signal.SIGHUP)
+    time.sleep(0.6)
+    assert daemon.notify is not None
+    daemon.notify.poll()
+    assert daemon.alive(), daemon.log_tail()
+
+
 def test_sighup_applies_runtime_keys_and_a_bad_file_changes_nothing(start_daemon):
     daemon = start_daemon(node_config())
     m = daemon.mountpoint
     config = daemon.config_path
     original = config.read_text()
 
-    # (sd_notify blocks the daemon's loop on an undrained NOTIFY_SOCKET: hup drains it)
     def hup(text: str) -> None:
-        config.write_text(text)
-        daemon.signal(signal.SIGHUP)
-        time.sleep(0.6)
-        # drain RELOADING=1/READY=1 as systemd would: an undrained socket blocks the daemon
-        assert daemon.notify is not None
-        daemon.notify.poll()
-        assert daemon.alive(), daemon.log_tail()
+        reload_with(daemon, text)
 
     hup(original.replace("low = 0.80", "low = 0.50").replace('"reject"', '"throttle"'))
     assert read_attr(m, "big", "watermark_low") in ("0.5", "0.50")
@@ -386,12 +390,7 @@ def test_sighup_on_zswap_applies_its_percentages_and_refuses_what_it_cannot_take
     original = config.read_text()
 
     def hup(text: str) -> None:
-        config.write_text(text)
-        daemon.signal(signal.SIGHUP)
-        time.sleep(0.6)
-        assert daemon.notify is not None
-        daemon.notify.poll()
-        assert daemon.alive(), daemon.log_tail()
+        reload_with(daemon, text)
 
     hup(original.replace("max_pool_percent = 20", "max_pool_percent = 40"))
     assert read_attr(m, "big", "max_pool_percent") == "40"
