@@ -18,16 +18,15 @@ class BackingStore:
         path = Path(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(errno.ENOENT,
-                                    f"backing file directory {path.parent} does not exist",
-                                    str(path))
+                                    f"backing file directory {path.parent} does not exist")
         self.path = path
         # Created or truncated at start: the backing survives nothing, but is never stale.
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(self._fd, size)
-        except OSError as exc:  # named, so a caller can tell it from the pool's own failure
+        except OSError:
             os.close(self._fd)
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
         self.size = size
 
     def write(self, index: int, page: bytes) -> None:

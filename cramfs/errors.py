@@ -1,5 +1,18 @@
 """Errors the device raises; the daemon maps each to one errno."""
 
+from cramfs.sizes import format_size
+
+
+class PoolUnavailable(ValueError):
+    """The machine refused the pool's memory (its memfd or a mapping): a capacity this host
+    cannot hold. A ValueError, as every other capacity the device refuses is."""
+
+    def __init__(self, capacity: int, cause: BaseException) -> None:
+        reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                  else str(cause) or type(cause).__name__)
+        super().__init__(f"this machine cannot map a pool of {format_size(capacity)} "
+                         f"({reason})")
+
 
 class DeviceError(Exception):
     """Base of every error a device operation reports to its caller."""

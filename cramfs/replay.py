@@ -287,10 +287,6 @@ def _construct(make: typing.Callable[[], CompressedDevice],
         return make()
     except (ValueError, TypeError, LookupError) as exc:  # the device refused a value
         raise ReplayError(f"{label(settings)}: {exc}") from None
-    except (OSError, OverflowError, MemoryError) as exc:  # the machine refused the pool
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ReplayError(f"{label(settings)}: pool: this machine cannot map a pool that "
-                          f"large ({reason or type(exc).__name__})") from None
 
 
 CodecKey = tuple[str, int | None, int]  # compressor, level, huge threshold

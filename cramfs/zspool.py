@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from cramfs import PAGE_SHIFT, PAGE_SIZE
+from cramfs.errors import PoolUnavailable
 from cramfs.sparse import allocated_bytes, punch_hole
 
 if TYPE_CHECKING:
@@ -267,6 +268,18 @@ def split_handle(handle: int) -> tuple[int, int]:
     return handle >> SLOT_BITS, handle & SLOT_MASK
 
 
+def _map_arena(capacity: int) -> tuple[int, mmap.mmap]:
+    """The pool's memory: a memfd of ``capacity`` bytes mapped shared. PoolUnavailable, with
+    nothing left open, when the machine refuses it."""
+    fd = os.memfd_create("cramfs-pool", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, capacity)
+        return fd, mmap.mmap(fd, capacity, mmap.MAP_SHARED)
+    except (OSError, OverflowError) as exc:
+        os.close(fd)
+        raise PoolUnavailable(capacity, exc) from None
+
+
 class ZsPool:
     """Fixed-capacity arena. Handles are opaque ints (make_handle / split_handle).
 
@@ -282,9 +295,7 @@ class ZsPool:
             raise ValueError(f"pool capacity must be at least {FRAME} bytes, got {capacity}")
         self.capacity = capacity - capacity % FRAME
         self.total_frames = self.capacity >> PAGE_SHIFT
-        self._fd = os.memfd_create("cramfs-pool", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, self.capacity)
-        self._arena = mmap.mmap(self._fd, self.capacity, mmap.MAP_SHARED)
+        self._fd, self._arena = _map_arena(self.capacity)
         self.release_errors = 0
         self._view = memoryview(self._arena)
         self._next_frame = 0  # frames handed out so far
@@ -299,7 +310,13 @@ class ZsPool:
         self.classes = [SizeClass(i, size, frames, self.total_frames, books)
                         for i, (size, frames) in enumerate(class_layout(largest_compressed))]
         frame_next = books.want("I", self.total_frames)
-        views = books.map()
+        try:
+            views = books.map()
+        except (OSError, OverflowError) as exc:  # the books' mapping: 1.46x the capacity
+            self._view.release()
+            self._arena.close()
+            os.close(self._fd)
+            raise PoolUnavailable(self.capacity, exc) from None
         blocks.attach(views)
         for cls in self.classes:
             cls.attach(views, blocks.next)

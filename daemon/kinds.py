@@ -97,8 +97,6 @@ class ZswapSettings(Settings):
             return ZswapDevice(config, self.backing_file, self.max_pool_percent,
                                self.accept_threshold_percent)
         except OSError as exc:
-            if exc.filename is None:  # not the backing file's: the pool's (make_device)
-                raise
             raise SettingError("backing_file",
                                f"{self.backing_file}: {exc.strerror}") from None
 

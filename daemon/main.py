@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from cramfs.device import CompressedDevice
-from cramfs.sizes import format_size
+from cramfs.errors import PoolUnavailable
 from cramfs.timing import Timing
 from daemon import config as configuration
 from daemon import kinds, recording, system
@@ -141,11 +141,8 @@ def make_device(spec: configuration.DeviceSpec) -> CompressedDevice:
         return spec.settings.build(spec.device)
     except kinds.SettingError as exc:
         raise UsageError(f"device.{spec.name}.{exc.key}: {exc}") from None
-    except (OSError, OverflowError, MemoryError) as exc:  # the pool's memfd or its mapping
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"device.{spec.name}.pool: {format_size(spec.device.pool)}: this "
-                         f"machine cannot map a pool that large "
-                         f"({reason or type(exc).__name__})") from None
+    except PoolUnavailable as exc:
+        raise UsageError(f"device.{spec.name}.pool: {exc}") from None
 
 
 # What a SIGHUP applies at once and what needs a restart, of the DeviceConfig fields every
